@@ -1,0 +1,37 @@
+"""Whisperr server-side SDK for Python whose event queue lives on disk.
+
+    from whisperr_durable import Whisperr
+
+    whisperr = Whisperr(api_key=os.environ["WHISPERR_API_KEY"], path="~/.whisperr.db")
+    whisperr.track("user_8842", "payment_failed", {"amount_cents": 4900})
+
+``track()`` returns once the event is committed to a SQLite outbox; a background thread
+delivers it. Nothing that was not delivered is lost to a crash, a kill or a restart: the
+next client to open the same file delivers it, with the same ``$message_id``.
+"""
+
+import logging
+
+from ._billing import BillingEvent
+from ._client import DurableWhisperr, Whisperr
+from ._errors import WhisperrError
+from ._outbox import DeadLetter, StoreError
+from ._outbox import Stats as OutboxStats
+from ._sender import FlushResult
+from ._version import __version__
+from ._wire import SDK_NAME
+
+__all__ = [
+    "SDK_NAME",
+    "BillingEvent",
+    "DeadLetter",
+    "DurableWhisperr",
+    "FlushResult",
+    "OutboxStats",
+    "StoreError",
+    "Whisperr",
+    "WhisperrError",
+    "__version__",
+]
+
+logging.getLogger("whisperr_durable").addHandler(logging.NullHandler())

@@ -1,0 +1,344 @@
+"""DurableWhisperr: validate, encode, append to the outbox; start the sender; flush/shutdown."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from ._errors import WhisperrError
+from ._options import (
+    DEFAULT_BASE_URL,
+    DEFAULT_FLUSH_AT,
+    DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_DEAD_LETTERS,
+    DEFAULT_MAX_QUEUE_SIZE,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_PATH,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_SHUTDOWN_TIMEOUT,
+    DEFAULT_STORE_TIMEOUT,
+    Options,
+)
+from ._outbox import DeadLetter, Outbox, Stats, StoreError
+from ._sender import FlushResult, Sender
+from ._version import __version__
+from ._wire import (
+    IDENTIFY,
+    SDK_NAME,
+    TRACK,
+    InvalidOp,
+    encode_identify,
+    encode_track,
+    message_id,
+    shortcut_channels,
+    utc_now_ms,
+)
+
+if TYPE_CHECKING:
+    import httpx
+
+log = logging.getLogger("whisperr_durable")
+
+OnError = Callable[[WhisperrError], None]
+
+
+def key_fingerprint(api_key: str) -> str:
+    """What the outbox stores instead of the key: enough to tell keys apart, nothing more."""
+    return hashlib.sha256(b"whisperr_durable:" + api_key.encode("utf-8")).hexdigest()[:16]
+
+
+class DurableWhisperr:
+    """A Whisperr client whose queue is a SQLite file on disk.
+
+    A drop-in for the official ``whisperr.Whisperr``: the same methods, options and
+    defaults. ``track()`` and ``identify()`` return once the op is committed to the outbox at
+    ``path``; a background thread delivers it, and whatever is not delivered when the
+    process ends is delivered by the next client that opens the same file with the same key.
+    """
+
+    def __init__(
+        self,
+        api_key: Optional[str] = None,
+        *,
+        path: str = DEFAULT_PATH,
+        base_url: str = DEFAULT_BASE_URL,
+        app_version: Optional[str] = None,
+        flush_at: int = DEFAULT_FLUSH_AT,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        disabled: bool = False,
+        debug: bool = False,
+        on_error: Optional[OnError] = None,
+        transport: Optional[httpx.BaseTransport] = None,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
+        store_timeout: float = DEFAULT_STORE_TIMEOUT,
+        max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS,
+        fsync: bool = False,
+        strict: bool = False,
+    ) -> None:
+        key = api_key or os.environ.get("WHISPERR_API_KEY", "")
+        if not key and not disabled:
+            raise ValueError("api_key is required (pass it or set WHISPERR_API_KEY)")
+        self._disabled = bool(disabled)
+        self._on_error = on_error
+        self._strict = strict
+        if debug:
+            _enable_debug_logging()
+        if self._disabled:
+            return
+        self._options = Options(
+            api_key=key,
+            path=os.path.abspath(os.path.expanduser(os.fspath(path))),
+            base_url=base_url,
+            app_version=app_version,
+            flush_at=flush_at,
+            flush_interval=flush_interval,
+            max_queue_size=max_queue_size,
+            max_batch_size=max_batch_size,
+            max_retries=max_retries,
+            request_timeout=request_timeout,
+            shutdown_timeout=shutdown_timeout,
+            store_timeout=store_timeout,
+            max_dead_letters=max_dead_letters,
+            fsync=fsync,
+            strict=strict,
+        )
+        # Context keys added to every event, under the caller's keys.
+        self._environment = {"sdk_name": SDK_NAME, "sdk_version": __version__}
+        if app_version and app_version.strip():
+            self._environment["app_version"] = app_version.strip()
+        fingerprint = key_fingerprint(key)
+        self._lock = threading.Lock()  # guards the callers' connection and the counters
+        self._outbox = Outbox(
+            self._options.path,
+            fingerprint,
+            fsync=fsync,
+            store_timeout=store_timeout,
+            max_dead_letters=max_dead_letters,
+        )
+        # httpx is imported here, not when whisperr_durable is: a cron job pays for it once.
+        from ._transport import Transport
+
+        http = Transport(self._options.base_url, key, transport)
+        self._sender = Sender(self._options, fingerprint, http, self._emit)
+        self._since_wake = 0
+        self._closed = False
+        self._clock_ms: Callable[[], int] = utc_now_ms
+        _live_clients.add(self)
+
+    @property
+    def ready(self) -> bool:
+        """``False`` for a disabled client, which records nothing."""
+        return not self._disabled
+
+    @property
+    def path(self) -> Optional[str]:
+        """The outbox file, or ``None`` for a disabled client."""
+        return None if self._disabled else self._options.path
+
+    def track(
+        self,
+        external_user_id: str,
+        event_type: str,
+        properties: Optional[Mapping[str, Any]] = None,
+        context: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        """Record an event for a known user, durably, and return.
+
+        Every event carries ``context.sdk_name``, ``context.sdk_version`` and, when
+        configured, ``context.app_version``; a key in ``context`` wins over those three,
+        never over ``$message_id``. An invalid call is not queued: it is reported as
+        ``dropped`` (or raises ``ValueError`` with ``strict=True``).
+        """
+        if self._disabled:
+            return
+        now_ms = self._clock_ms()
+        try:
+            body = encode_track(
+                self._environment,
+                external_user_id,
+                event_type,
+                properties,
+                context,
+                message_id(),
+                now_ms,
+            )
+        except InvalidOp as exc:
+            self._invalid("track", exc)
+            return
+        self._append(TRACK, body, now_ms)
+
+    def identify(
+        self,
+        external_user_id: str,
+        *,
+        traits: Optional[Mapping[str, Any]] = None,
+        email: Optional[str] = None,
+        phone: Optional[str] = None,
+        push_token: Optional[str] = None,
+        preferred_channel: Optional[str] = None,
+        channels: Optional[Iterable[Mapping[str, Any]]] = None,
+    ) -> None:
+        """Associate traits and contact channels with a user, durably, and return.
+
+        ``email``, ``phone`` and ``push_token`` become opted-in channels; an explicit
+        ``channels`` list replaces them. Channel dicts take ``type`` (or ``channel``),
+        ``address``, ``opted_in`` (default true) and ``verified``.
+        """
+        if self._disabled:
+            return
+        if channels is None:
+            channels = shortcut_channels(email, phone, push_token)
+        try:
+            body = encode_identify(external_user_id, traits, preferred_channel, channels)
+        except InvalidOp as exc:
+            self._invalid("identify", exc)
+            return
+        self._append(IDENTIFY, body, self._clock_ms())
+
+    def flush(self, timeout: Optional[float] = None) -> FlushResult:
+        """Deliver everything enqueued before this call, and wait for it.
+
+        Returns when those ops are delivered or dead-lettered, when delivery cannot proceed
+        (key rejected, retries exhausted), or after ``timeout`` seconds (``None``: no limit).
+        The result tells how many of them are still pending and why.
+        """
+        if self._disabled:
+            return FlushResult()
+        try:
+            with self._lock:
+                last_id = self._outbox.last_id()
+
+            def pending() -> int:
+                with self._lock:
+                    return self._outbox.pending_through(last_id)
+
+            return self._sender.flush(pending, timeout)
+        except StoreError as exc:
+            log.warning("whisperr_durable: flush could not read the outbox: %s", exc)
+            return FlushResult(0, "store")
+
+    def shutdown(self, timeout: Optional[float] = None) -> FlushResult:
+        """Flush for at most ``timeout`` seconds (default ``shutdown_timeout``), then stop.
+
+        Whatever is not delivered by then stays in the outbox for the next client. Also run
+        at interpreter exit. Idempotent.
+        """
+        if self._disabled or self._closed:
+            return FlushResult()
+        self._closed = True
+        budget = self._options.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        result = self.flush(budget)
+        self._sender.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+        with self._lock:
+            self._outbox.close()
+        _live_clients.discard(self)
+        return result
+
+    def stats(self) -> Stats:
+        """What is in the outbox for this client's key (raises ``StoreError`` if unreadable)."""
+        if self._disabled:
+            return Stats(0, 0, None, 0, 0, 0)
+        with self._lock:
+            return self._outbox.stats()
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` ops the server refused, for this client's key."""
+        if self._disabled:
+            return []
+        with self._lock:
+            return self._outbox.dead_letters(limit)
+
+    # ---- internals ----
+
+    def _append(self, kind: int, body: str, created_ms: int) -> None:
+        error: Optional[str] = None
+        evicted = 0
+        wake = False
+        with self._lock:
+            try:
+                _, evicted = self._outbox.append(
+                    kind, body, created_ms, self._options.max_queue_size
+                )
+            except StoreError as exc:
+                error = str(exc)
+            else:
+                self._since_wake += 1
+                wake = self._since_wake >= self._options.flush_at
+                if wake:
+                    self._since_wake = 0
+        if error is not None:
+            log.warning("whisperr_durable: an op could not be stored: %s", error)
+            self._emit(WhisperrError("store_error", f"the op could not be stored: {error}"))
+            return
+        if evicted:
+            log.warning("whisperr_durable: queue full, evicted %d oldest op(s)", evicted)
+            self._emit(WhisperrError("dropped", f"queue full: evicted {evicted} oldest op(s)"))
+        if not self._closed:
+            self._sender.start()
+            if wake:
+                self._sender.wake()
+
+    def _invalid(self, method: str, exc: InvalidOp) -> None:
+        if self._strict:
+            raise exc
+        log.warning("whisperr_durable: %s call not queued: %s", method, exc)
+        self._emit(WhisperrError("dropped", f"{method} not queued: {exc}"))
+
+    def _emit(self, error: WhisperrError) -> None:
+        if self._on_error is None:
+            return
+        try:
+            self._on_error(error)
+        except Exception:  # the host's callback must never break delivery
+            log.debug("on_error raised", exc_info=True)
+
+    def _after_fork_in_child(self) -> None:
+        # Another thread may have held the lock at fork time; it never unlocks in the child.
+        self._lock = threading.Lock()
+        self._since_wake = 0
+        self._sender.after_fork()
+
+
+Whisperr = DurableWhisperr
+
+_live_clients: weakref.WeakSet[DurableWhisperr] = weakref.WeakSet()
+
+
+def _shutdown_all() -> None:
+    for client in list(_live_clients):
+        try:
+            client.shutdown()
+        except Exception:
+            log.debug("shutdown at exit failed", exc_info=True)
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_live_clients):
+        client._after_fork_in_child()
+
+
+def _enable_debug_logging() -> None:
+    log.setLevel(logging.DEBUG)
+    if not any(not isinstance(h, logging.NullHandler) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[whisperr_durable] %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+atexit.register(_shutdown_all)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,461 @@
+"""The outbox: the only module that speaks SQL.
+
+One SQLite file in WAL mode holds the queue of ops (``ops``), the ops the server refused
+(``dead_letters``, bounded) and a few counters. Each row of ``ops`` is the final wire JSON of
+one op, tagged with a fingerprint of the API key it was enqueued with, so a client only ever
+sees and sends its own key's rows. Rows are claimed for sending with a lease (owner + wall
+clock expiry) so that no two senders, threads or processes, send the same rows at once.
+
+Every public method raises :class:`StoreError` (never ``sqlite3.Error``) on failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, TypeVar
+
+from ._wire import IDENTIFY, TRACK
+
+log = logging.getLogger("whisperr_durable")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_V1 = (
+    """CREATE TABLE ops (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_fp TEXT NOT NULL,
+        kind INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        lease_owner TEXT,
+        lease_until_ms INTEGER NOT NULL DEFAULT 0
+    )""",
+    "CREATE INDEX ops_by_key ON ops (key_fp, id)",
+    # Queue length per key, kept by triggers so that bounding the queue needs no COUNT(*).
+    """CREATE TABLE queue_sizes (
+        key_fp TEXT PRIMARY KEY,
+        n INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    """CREATE TRIGGER ops_count_insert AFTER INSERT ON ops BEGIN
+        INSERT INTO queue_sizes (key_fp, n) VALUES (NEW.key_fp, 1)
+            ON CONFLICT (key_fp) DO UPDATE SET n = n + 1;
+    END""",
+    """CREATE TRIGGER ops_count_delete AFTER DELETE ON ops BEGIN
+        UPDATE queue_sizes SET n = n - 1 WHERE key_fp = OLD.key_fp;
+    END""",
+    """CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_fp TEXT NOT NULL,
+        op_id INTEGER NOT NULL,
+        kind INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        failed_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        status INTEGER,
+        reason TEXT NOT NULL
+    )""",
+    """CREATE TABLE counters (
+        key_fp TEXT NOT NULL,
+        name TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (key_fp, name)
+    ) WITHOUT ROWID""",
+)
+
+# Callers never checkpoint in the normal run of things (the sender does, off their
+# thread); this bound only stops the WAL growing without end if the sender cannot.
+_CALLER_AUTOCHECKPOINT_PAGES = 10_000
+
+# Connections left behind by fork. Closing one in the child could checkpoint or delete the
+# parent's WAL, and garbage collection would close it: keep them referenced, never use them.
+_ABANDONED: list[sqlite3.Connection] = []
+
+T = TypeVar("T")
+
+_EXPIRED = "expired: older than the server's 30-day window"
+
+
+class StoreError(Exception):
+    """The outbox file could not be read or written (disk full, read-only, locked, ...)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    kind: int
+    body: str
+    created_ms: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one claim took: rows to send now, and expired rows it dead-lettered instead."""
+
+    rows: list[Row]
+    expired: int = 0
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    op_id: int
+    kind: str
+    body: str
+    created_ms: int
+    failed_ms: int
+    attempts: int
+    status: Optional[int]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Stats:
+    pending_tracks: int
+    pending_identifies: int
+    oldest_created_ms: Optional[int]
+    dead_letters: int
+    evicted: int
+    schema_version: int
+
+    @property
+    def pending(self) -> int:
+        return self.pending_tracks + self.pending_identifies
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    text = str(exc)
+    return "database is locked" in text or "database table is locked" in text
+
+
+def _create_private_file(path: str) -> None:
+    parent = os.path.dirname(path)
+    if parent and not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    # Created 0600 before SQLite opens it; an existing file keeps its mode.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+class Outbox:
+    """One connection to the outbox file, for one thread at a time (callers lock around it).
+
+    The connection is opened on first use, and opened afresh in a forked child.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        key_fp: str,
+        *,
+        fsync: bool = False,
+        store_timeout: float = 5.0,
+        max_dead_letters: int = 1000,
+        autocheckpoint: bool = False,
+    ) -> None:
+        self.path = path
+        self.key_fp = key_fp
+        self._fsync = fsync
+        self._store_timeout = store_timeout
+        self._max_dead_letters = max_dead_letters
+        self._autocheckpoint = autocheckpoint
+        self._conn: Optional[sqlite3.Connection] = None
+        self._pid = 0
+
+    # ---- connection ----
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        if self._conn is not None:
+            _ABANDONED.append(self._conn)
+            self._conn = None
+        _create_private_file(self.path)
+        # timeout=0: SQLite's own busy handler sleeps up to 100 ms a step; ours retries sooner.
+        conn = sqlite3.connect(
+            self.path, timeout=0, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
+            conn.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
+            pages = 1000 if self._autocheckpoint else _CALLER_AUTOCHECKPOINT_PAGES
+            conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+            return
+        self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has outbox schema version {version}; this version of "
+                    f"whisperr_durable reads up to {SCHEMA_VERSION}"
+                )
+            if version == 0:
+                for statement in _SCHEMA_V1:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _retry_busy(self, fn: Callable[[], T]) -> T:
+        """Run ``fn``, retrying on SQLITE_BUSY with short sleeps until ``store_timeout``."""
+        deadline = time.monotonic() + self._store_timeout
+        delay = 0.0001
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
+        try:
+            conn = self._connection()
+            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            conn = self._connection()
+            return self._retry_busy(lambda: conn.execute(sql, params).fetchall())
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    def open(self) -> None:
+        """Open (and create or migrate) the file now rather than on first use."""
+        self._read("SELECT 1")
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
+            try:
+                conn.close()
+            except sqlite3.Error:
+                log.debug("closing the outbox failed", exc_info=True)
+
+    # ---- the write path ----
+
+    def append(self, kind: int, body: str, created_ms: int, max_queue_size: int) -> tuple[int, int]:
+        """Store one op; evict the oldest beyond ``max_queue_size`` in the same transaction.
+
+        Returns ``(id, evicted)``.
+        """
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, ?, ?, ?)",
+                (self.key_fp, kind, body, created_ms),
+            )
+            op_id = cursor.lastrowid or 0
+            (size,) = conn.execute(
+                "SELECT n FROM queue_sizes WHERE key_fp = ?", (self.key_fp,)
+            ).fetchone()
+            evicted = self._evict(conn, size - max_queue_size) if size > max_queue_size else 0
+        return op_id, evicted
+
+    def _evict(self, conn: sqlite3.Connection, count: int) -> int:
+        evicted = conn.execute(
+            "DELETE FROM ops WHERE id IN "
+            "(SELECT id FROM ops WHERE key_fp = ? ORDER BY id LIMIT ?)",
+            (self.key_fp, count),
+        ).rowcount
+        self._bump(conn, "evicted", evicted)
+        return evicted
+
+    def _bump(self, conn: sqlite3.Connection, name: str, by: int) -> None:
+        conn.execute(
+            "INSERT INTO counters (key_fp, name, n) VALUES (?, ?, ?) "
+            "ON CONFLICT (key_fp, name) DO UPDATE SET n = n + excluded.n",
+            (self.key_fp, name, by),
+        )
+
+    # ---- the send path ----
+
+    def claim(
+        self,
+        owner: str,
+        *,
+        max_rows: int,
+        max_bytes: int,
+        lease_ms: int,
+        max_age_ms: int,
+        now_ms: int,
+    ) -> Claim:
+        """Lease the next batch from the head of this key's queue.
+
+        The batch is one identify alone, or the leading run of tracks (at most ``max_rows``,
+        at most ``max_bytes`` of JSON). Nothing is claimed while the head is leased by another
+        owner whose lease is still running. Tracks older than ``max_age_ms`` are moved to the
+        dead letters on the way, since the server would refuse them.
+        """
+        with self._write() as conn:
+            head = conn.execute(
+                "SELECT id, kind, body, created_ms, attempts, lease_owner, lease_until_ms "
+                "FROM ops WHERE key_fp = ? ORDER BY id LIMIT ?",
+                (self.key_fp, max_rows),
+            ).fetchall()
+            batch: list[Row] = []
+            expired: list[int] = []
+            size = 0
+            for op_id, kind, body, created_ms, attempts, lease_owner, lease_until in head:
+                # A lease further ahead than any lease we give means the clock went back.
+                leased = lease_owner not in (None, owner) and (
+                    now_ms < lease_until <= now_ms + lease_ms
+                )
+                if leased:
+                    break
+                if kind == TRACK and created_ms < now_ms - max_age_ms:
+                    expired.append(op_id)
+                    continue
+                if kind == IDENTIFY:
+                    if not batch:
+                        batch.append(Row(op_id, kind, body, created_ms, attempts))
+                    break
+                if batch and size + len(body) + 2 > max_bytes:
+                    break
+                batch.append(Row(op_id, kind, body, created_ms, attempts))
+                size += len(body) + 2
+            for op_id in expired:
+                self._move_to_dead_letters(conn, op_id, op_id, None, _EXPIRED, now_ms)
+            if batch:
+                conn.execute(
+                    "UPDATE ops SET lease_owner = ?, lease_until_ms = ? "
+                    "WHERE key_fp = ? AND id BETWEEN ? AND ?",
+                    (owner, now_ms + lease_ms, self.key_fp, batch[0].id, batch[-1].id),
+                )
+        return Claim(batch, len(expired))
+
+    def ack(self, first_id: int, last_id: int) -> int:
+        """Delete a delivered run of rows (already-evicted ones are simply gone)."""
+        with self._write() as conn:
+            return conn.execute(
+                "DELETE FROM ops WHERE key_fp = ? AND id BETWEEN ? AND ?",
+                (self.key_fp, first_id, last_id),
+            ).rowcount
+
+    def release(self, first_id: int, last_id: int, owner: str, *, failed: bool) -> None:
+        """Give back a leased run, counting one more failed attempt if ``failed``."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE ops SET lease_owner = NULL, lease_until_ms = 0, attempts = attempts + ? "
+                "WHERE key_fp = ? AND id BETWEEN ? AND ? AND lease_owner = ?",
+                (int(failed), self.key_fp, first_id, last_id, owner),
+            )
+
+    def dead_letter(
+        self, first_id: int, last_id: int, status: Optional[int], reason: str, now_ms: int
+    ) -> int:
+        """Move a run of rows the server refused to the (bounded) dead-letter table."""
+        with self._write() as conn:
+            return self._move_to_dead_letters(conn, first_id, last_id, status, reason, now_ms)
+
+    def _move_to_dead_letters(
+        self,
+        conn: sqlite3.Connection,
+        first_id: int,
+        last_id: int,
+        status: Optional[int],
+        reason: str,
+        now_ms: int,
+    ) -> int:
+        conn.execute(
+            "INSERT INTO dead_letters "
+            "(key_fp, op_id, kind, body, created_ms, failed_ms, attempts, status, reason) "
+            "SELECT key_fp, id, kind, body, created_ms, ?, attempts + 1, ?, ? FROM ops "
+            "WHERE key_fp = ? AND id BETWEEN ? AND ? ORDER BY id",
+            (now_ms, status, reason, self.key_fp, first_id, last_id),
+        )
+        moved = conn.execute(
+            "DELETE FROM ops WHERE key_fp = ? AND id BETWEEN ? AND ?",
+            (self.key_fp, first_id, last_id),
+        ).rowcount
+        # Ids only grow, so the newest max_dead_letters ids bound the table.
+        conn.execute(
+            "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?",
+            (self._max_dead_letters,),
+        )
+        return moved
+
+    # ---- reading ----
+
+    def last_id(self) -> int:
+        """The id of this key's newest queued op (0 if none): a barrier for flush()."""
+        ((last,),) = self._read("SELECT max(id) FROM ops WHERE key_fp = ?", (self.key_fp,))
+        return int(last or 0)
+
+    def pending_through(self, last_id: int) -> int:
+        """How many of this key's ops with ids up to ``last_id`` are still queued."""
+        ((count,),) = self._read(
+            "SELECT count(*) FROM ops WHERE key_fp = ? AND id <= ?", (self.key_fp, last_id)
+        )
+        return int(count)
+
+    def stats(self) -> Stats:
+        kinds = dict(
+            self._read(
+                "SELECT kind, count(*) FROM ops WHERE key_fp = ? GROUP BY kind", (self.key_fp,)
+            )
+        )
+        ((oldest,),) = self._read(
+            "SELECT min(created_ms) FROM ops WHERE key_fp = ?", (self.key_fp,)
+        )
+        ((dead,),) = self._read(
+            "SELECT count(*) FROM dead_letters WHERE key_fp = ?", (self.key_fp,)
+        )
+        evicted = self._read(
+            "SELECT n FROM counters WHERE key_fp = ? AND name = 'evicted'", (self.key_fp,)
+        )
+        ((version,),) = self._read("PRAGMA user_version")
+        return Stats(
+            pending_tracks=int(kinds.get(TRACK, 0)),
+            pending_identifies=int(kinds.get(IDENTIFY, 0)),
+            oldest_created_ms=oldest,
+            dead_letters=int(dead),
+            evicted=int(evicted[0][0]) if evicted else 0,
+            schema_version=int(version),
+        )
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        rows = self._read(
+            "SELECT id, op_id, kind, body, created_ms, failed_ms, attempts, status, reason "
+            "FROM dead_letters WHERE key_fp = ? ORDER BY id LIMIT ?",
+            (self.key_fp, limit),
+        )
+        return [
+            DeadLetter(r[0], r[1], "identify" if r[2] == IDENTIFY else "track", *r[3:])
+            for r in rows
+        ]
+
+    def checkpoint(self, *, truncate: bool = False) -> None:
+        """Copy the WAL back into the database file (TRUNCATE also empties the WAL file)."""
+        self._read(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})")

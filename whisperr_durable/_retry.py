@@ -1,0 +1,54 @@
+"""Delivery decisions as pure functions: status classes, backoff, Retry-After."""
+
+from __future__ import annotations
+
+import random
+from email.utils import parsedate_to_datetime
+from typing import Callable, Optional
+
+from ._options import BACKOFF_CAP, BACKOFF_JITTER, RETRY_AFTER_CAP
+
+OK = "ok"  # delivered: remove for good
+RETRY = "retry"  # 429, 5xx, network error, timeout: try again later
+AUTH = "auth"  # 401, 403: stop delivering, keep everything
+DROP = "drop"  # any other 4xx: the server will never take it
+
+
+def classify(status: int) -> str:
+    """The contract's class of an HTTP status; the body is never looked at."""
+    if 200 <= status < 300:
+        return OK
+    if status in (401, 403):
+        return AUTH
+    if status == 429 or status >= 500:
+        return RETRY
+    if 400 <= status < 500:
+        return DROP
+    # 1xx and 3xx are not answers the ingestion API gives: try again rather than lose data.
+    return RETRY
+
+
+def backoff(retry: int, rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before retry number ``retry`` (1, 2, ...): min(30, 2**n) + jitter."""
+    return min(BACKOFF_CAP, 2.0 ** min(retry, 16)) + rand() * BACKOFF_JITTER
+
+
+def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
+    """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date).
+
+    ``now`` is the wall-clock time (epoch seconds) to measure a date against. The result is
+    capped at :data:`RETRY_AFTER_CAP`; an unreadable value gives ``None``.
+    """
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP)

@@ -1,0 +1,330 @@
+"""The background sender: wake, claim, send, ack or release. The only module with a thread.
+
+One daemon thread per client and process. It wakes when ``flush_at`` ops have been added,
+every ``flush_interval``, and on ``flush()``; it then drains the outbox from the head until
+it is empty or delivery cannot proceed. Backoff is a time before which the thread does not
+send (it never sleeps with a batch in hand), so a flush or a shutdown is never stuck behind
+it. A flush reports progress to its waiters through a condition variable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
+
+from . import _retry
+from ._errors import WhisperrError
+from ._options import (
+    MAX_BATCH_BYTES,
+    MAX_EVENT_AGE,
+    PAUSE_AFTER_FAILURE,
+    Options,
+)
+from ._outbox import Outbox, Row, StoreError
+from ._wire import IDENTIFY, batch_body, utc_now_ms
+
+if TYPE_CHECKING:
+    from ._transport import Outcome, Transport
+
+log = logging.getLogger("whisperr_durable")
+
+# Sent when the server answers 400 or 413 to a batch of several events: split it to find
+# the bad ones and deliver the rest.
+_SPLIT_STATUSES = (400, 413)
+# How often a flush waiter looks again while another process holds the head of the queue.
+_POLL_WHILE_WAITING = 0.1
+# A lease outlives one request's timeout by this much.
+_LEASE_SLACK = 5.0
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    """What ``flush()`` came to.
+
+    ``pending`` ops enqueued before the flush are still in the outbox (0 means all were
+    delivered or dead-lettered); ``reason`` says why it stopped short: ``"auth"``,
+    ``"retry_exhausted"``, ``"timeout"``, ``"store"`` or ``"disabled"``.
+    """
+
+    pending: int = 0
+    reason: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.pending == 0
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class Sender:
+    """Delivers one key's ops from one outbox file."""
+
+    def __init__(
+        self,
+        options: Options,
+        key_fp: str,
+        transport: Transport,
+        report: Callable[[WhisperrError], None],
+    ) -> None:
+        self._options = options
+        self._key_fp = key_fp
+        self._transport = transport
+        self._report = report
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh thread state: at construction and in a forked child."""
+        self._pid = os.getpid()
+        self._owner = f"{self._pid}-{os.urandom(6).hex()}"
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self._failures = 0
+        self._not_before = 0.0
+        self._progress = 0
+        self._blocked = 0
+        self._blocked_reason: Optional[str] = None
+        self._waiters = 0
+
+    def after_fork(self) -> None:
+        self._reset()
+
+    # ---- control, from caller threads ----
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> bool:
+        """Start the thread if it is not running; ``False`` if it cannot be started."""
+        if self._pid != os.getpid():
+            self._reset()
+        if self._thread is not None or self._stop.is_set():
+            return self._thread is not None
+        with self._cond:
+            if self._thread is not None:
+                return True
+            thread = threading.Thread(target=self._run, name="whisperr-durable-sender", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutdown
+                return False
+            self._thread = thread
+        return True
+
+    def flush(self, pending: Callable[[], int], timeout: Optional[float]) -> FlushResult:
+        """Wait until ``pending()`` is 0, delivery is blocked, or ``timeout`` passes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            # An explicit flush tries now, with a fresh retry budget.
+            self._failures = 0
+            self._not_before = 0.0
+            blocked_at_start = self._blocked
+            self._waiters += 1
+        try:
+            if not self.start():
+                return self._flush_inline(pending, deadline)
+            self._wake.set()
+            while True:
+                with self._cond:
+                    seen = self._progress
+                left = pending()
+                if left == 0:
+                    return FlushResult()
+                with self._cond:
+                    if self._blocked != blocked_at_start:
+                        return FlushResult(left, self._blocked_reason)
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return FlushResult(left, "timeout")
+                    if self._thread is None or not self._thread.is_alive():
+                        return FlushResult(left, "stopped")
+                    if self._progress == seen:
+                        self._cond.wait(remaining)
+        finally:
+            with self._cond:
+                self._waiters -= 1
+
+    def _flush_inline(self, pending: Callable[[], int], deadline: Optional[float]) -> FlushResult:
+        # No thread can be started (interpreter shutdown): deliver from the caller's thread.
+        outbox = self._open_outbox()
+        try:
+            while True:
+                blocked = self._blocked
+                self._cycle(outbox)
+                left = pending()
+                if left == 0:
+                    return FlushResult()
+                if self._blocked != blocked:
+                    return FlushResult(left, self._blocked_reason)
+                wait = self._not_before - time.monotonic()
+                if deadline is not None and time.monotonic() + max(wait, 0.0) >= deadline:
+                    return FlushResult(left, "timeout")
+                if wait > 0:
+                    self._stop.wait(wait)
+        finally:
+            outbox.close()
+
+    def stop(self, timeout: float) -> None:
+        """Stop the thread; wait at most ``timeout`` for a request in flight to end."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        if thread is None or not thread.is_alive():
+            self._transport.close()
+
+    # ---- the thread ----
+
+    def _open_outbox(self) -> Outbox:
+        return Outbox(
+            self._options.path,
+            self._key_fp,
+            fsync=self._options.fsync,
+            store_timeout=self._options.store_timeout,
+            max_dead_letters=self._options.max_dead_letters,
+            autocheckpoint=True,
+        )
+
+    def _run(self) -> None:
+        outbox = self._open_outbox()
+        try:
+            while not self._stop.is_set():
+                self._wake.wait(self._next_wait())
+                self._wake.clear()
+                if self._stop.is_set():
+                    break
+                try:
+                    self._cycle(outbox)
+                    outbox.checkpoint()
+                except StoreError as exc:
+                    log.warning("whisperr_durable: the outbox is not usable: %s", exc)
+                except Exception:  # the thread must outlive any bug in one cycle
+                    log.exception("whisperr_durable: the sender hit an unexpected error")
+                with self._cond:
+                    self._progress += 1
+                    self._cond.notify_all()
+        finally:
+            outbox.close()
+
+    def _next_wait(self) -> float:
+        wait = self._options.flush_interval
+        with self._cond:
+            if self._waiters:
+                wait = min(wait, _POLL_WHILE_WAITING)
+            until = self._not_before - time.monotonic()
+        return max(0.0, min(wait, until) if until > 0 else wait)
+
+    def _cycle(self, outbox: Outbox) -> None:
+        """Drain from the head until empty, backed off, or blocked."""
+        options = self._options
+        while not self._stop.is_set() and time.monotonic() >= self._not_before:
+            now_ms = utc_now_ms()
+            claim = outbox.claim(
+                self._owner,
+                max_rows=options.max_batch_size,
+                max_bytes=MAX_BATCH_BYTES,
+                lease_ms=int((options.request_timeout + _LEASE_SLACK) * 1000),
+                max_age_ms=int(MAX_EVENT_AGE * 1000),
+                now_ms=now_ms,
+            )
+            if claim.expired:
+                self._report(
+                    WhisperrError(
+                        "dropped",
+                        f"{claim.expired} event(s) older than the server's 30-day window "
+                        "moved to the dead letters",
+                    )
+                )
+            if not claim.rows:
+                return
+            outcome = self._deliver(outbox, claim.rows)
+            with self._cond:
+                self._progress += 1
+                self._cond.notify_all()
+            if outcome is None:
+                self._failures = 0
+                continue
+            self._after_failure(outcome)
+            return
+
+    def _after_failure(self, outcome: Outcome) -> None:
+        now = time.monotonic()
+        with self._cond:
+            if outcome.kind == _retry.AUTH:
+                self._not_before = now + PAUSE_AFTER_FAILURE
+                self._block("auth")
+                error = WhisperrError("auth", "delivery paused: API key rejected", outcome.status)
+            else:
+                self._failures += 1
+                if self._failures <= self._options.max_retries:
+                    delay = outcome.retry_after
+                    self._not_before = now + (
+                        delay if delay is not None else _retry.backoff(self._failures)
+                    )
+                    log.debug("delivery failed (%s); retry %d", outcome.detail, self._failures)
+                    return
+                self._failures = 0
+                self._not_before = now + max(PAUSE_AFTER_FAILURE, outcome.retry_after or 0.0)
+                self._block("retry_exhausted")
+                error = WhisperrError(
+                    "retry_exhausted",
+                    f"delivery failed after retries ({outcome.detail}); the ops stay queued",
+                    outcome.status,
+                )
+        self._report(error)
+
+    def _block(self, reason: str) -> None:
+        self._blocked += 1
+        self._blocked_reason = reason
+        self._cond.notify_all()
+
+    def _deliver(self, outbox: Outbox, rows: list[Row]) -> Optional[Outcome]:
+        """Send claimed rows; ``None`` when all were delivered or dead-lettered.
+
+        A 400 or 413 on several events splits the batch in halves until the bad events are
+        alone; those go to the dead letters and the rest are delivered.
+        """
+        todo = [rows]
+        while todo:
+            part = todo.pop()
+            outcome = self._post(part)
+            first, last = part[0].id, part[-1].id
+            if outcome.kind == _retry.OK:
+                outbox.ack(first, last)
+                log.debug("delivered %d op(s)", len(part))
+            elif outcome.kind == _retry.DROP:
+                if len(part) > 1 and outcome.status in _SPLIT_STATUSES:
+                    half = len(part) // 2
+                    todo += [part[half:], part[:half]]
+                    continue
+                outbox.dead_letter(first, last, outcome.status, outcome.detail, utc_now_ms())
+                log.warning(
+                    "whisperr_durable: the server refused %d op(s) (%s); moved to the dead letters",
+                    len(part),
+                    outcome.detail,
+                )
+                self._report(
+                    WhisperrError(
+                        "dropped",
+                        f"the server refused {len(part)} op(s) ({outcome.detail})",
+                        outcome.status,
+                    )
+                )
+            else:
+                # Everything from here on is given back, in order, for a later attempt.
+                outbox.release(first, rows[-1].id, self._owner, failed=True)
+                return outcome
+        return None
+
+    def _post(self, part: list[Row]) -> Outcome:
+        timeout = self._options.request_timeout
+        if part[0].kind == IDENTIFY:
+            return self._transport.post("/v1/identify", part[0].body.encode("ascii"), timeout)
+        return self._transport.post("/v1/events/batch", batch_body([r.body for r in part]), timeout)
