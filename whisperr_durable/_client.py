@@ -175,7 +175,7 @@ class DurableWhisperr:
                 message_id(),
                 now_ms,
             )
-        except InvalidOp as exc:
+        except Exception as exc:  # a caller's object can fail in any way while encoded
             self._invalid("track", exc)
             return
         self._append(TRACK, body, now_ms)
@@ -203,7 +203,7 @@ class DurableWhisperr:
             channels = shortcut_channels(email, phone, push_token)
         try:
             body = encode_identify(external_user_id, traits, preferred_channel, channels)
-        except InvalidOp as exc:
+        except Exception as exc:
             self._invalid("identify", exc)
             return
         self._append(IDENTIFY, body, self._clock_ms())
@@ -292,7 +292,9 @@ class DurableWhisperr:
             if wake:
                 self._sender.wake()
 
-    def _invalid(self, method: str, exc: InvalidOp) -> None:
+    def _invalid(self, method: str, exc: Exception) -> None:
+        if not isinstance(exc, InvalidOp):
+            exc = InvalidOp(f"{type(exc).__name__}: {exc}")
         if self._strict:
             raise exc
         log.warning("whisperr_durable: %s call not queued: %s", method, exc)

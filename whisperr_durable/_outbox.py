@@ -16,7 +16,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
@@ -62,6 +62,7 @@ _SCHEMA_V1 = (
         status INTEGER,
         reason TEXT NOT NULL
     )""",
+    "CREATE INDEX dead_letters_by_key ON dead_letters (key_fp, id)",
     """CREATE TABLE counters (
         key_fp TEXT NOT NULL,
         name TEXT NOT NULL,
@@ -137,9 +138,15 @@ def _is_busy(exc: sqlite3.Error) -> bool:
 
 
 def _create_private_file(path: str) -> None:
+    # Every directory we create is 0700 (os.makedirs would give only the last one the mode).
+    missing = []
     parent = os.path.dirname(path)
-    if parent and not os.path.isdir(parent):
-        os.makedirs(parent, mode=0o700, exist_ok=True)
+    while parent and not os.path.isdir(parent) and parent != os.path.dirname(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in reversed(missing):
+        with suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
     # Created 0600 before SQLite opens it; an existing file keeps its mode.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     os.close(fd)
@@ -184,6 +191,7 @@ class Outbox:
             self.path, timeout=0, isolation_level=None, check_same_thread=False
         )
         try:
+            self._retry_busy(lambda: self._check_version(conn))
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
             conn.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
             pages = 1000 if self._autocheckpoint else _CALLER_AUTOCHECKPOINT_PAGES
@@ -195,18 +203,21 @@ class Outbox:
         self._conn, self._pid = conn, os.getpid()
         return conn
 
+    def _check_version(self, conn: sqlite3.Connection) -> int:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} has outbox schema version {version}; this version of "
+                f"whisperr_durable reads up to {SCHEMA_VERSION}"
+            )
+        return version
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
+        if self._retry_busy(lambda: self._check_version(conn)) == SCHEMA_VERSION:
             return
         self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} has outbox schema version {version}; this version of "
-                    f"whisperr_durable reads up to {SCHEMA_VERSION}"
-                )
-            if version == 0:
+            if self._check_version(conn) == 0:
                 for statement in _SCHEMA_V1:
                     conn.execute(statement)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -399,10 +410,11 @@ class Outbox:
             "DELETE FROM ops WHERE key_fp = ? AND id BETWEEN ? AND ?",
             (self.key_fp, first_id, last_id),
         ).rowcount
-        # Ids only grow, so the newest max_dead_letters ids bound the table.
+        # Keep this key's newest max_dead_letters.
         conn.execute(
-            "DELETE FROM dead_letters WHERE id <= (SELECT max(id) FROM dead_letters) - ?",
-            (self._max_dead_letters,),
+            "DELETE FROM dead_letters WHERE key_fp = ? AND id <= (SELECT id FROM dead_letters "
+            "WHERE key_fp = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            (self.key_fp, self.key_fp, self._max_dead_letters),
         )
         return moved
 

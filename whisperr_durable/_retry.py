@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Callable, Optional
 
@@ -46,9 +47,12 @@ def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
         seconds = float(value)
     except ValueError:
         try:
-            seconds = parsedate_to_datetime(value).timestamp() - now
+            when = parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
+        if when.tzinfo is None:  # "-0000": UTC with no claim about the origin's zone
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - now
     if seconds != seconds:  # NaN
         return None
     return min(max(seconds, 0.0), RETRY_AFTER_CAP)

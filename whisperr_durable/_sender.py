@@ -47,7 +47,8 @@ class FlushResult:
 
     ``pending`` ops enqueued before the flush are still in the outbox (0 means all were
     delivered or dead-lettered); ``reason`` says why it stopped short: ``"auth"``,
-    ``"retry_exhausted"``, ``"timeout"``, ``"store"`` or ``"disabled"``.
+    ``"retry_exhausted"``, ``"timeout"``, ``"store"`` (the outbox could not be read) or
+    ``"stopped"`` (the sender is not running).
     """
 
     pending: int = 0
@@ -87,6 +88,7 @@ class Sender:
         self._thread: Optional[threading.Thread] = None
         self._failures = 0
         self._not_before = 0.0
+        self._retry_after_until = 0.0
         self._progress = 0
         self._blocked = 0
         self._blocked_reason: Optional[str] = None
@@ -121,9 +123,10 @@ class Sender:
         """Wait until ``pending()`` is 0, delivery is blocked, or ``timeout`` passes."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            # An explicit flush tries now, with a fresh retry budget.
+            # An explicit flush tries now, with a fresh retry budget, unless the server
+            # asked for a pause with Retry-After.
             self._failures = 0
-            self._not_before = 0.0
+            self._not_before = self._retry_after_until
             blocked_at_start = self._blocked
             self._waiters += 1
         try:
@@ -214,12 +217,14 @@ class Sender:
             outbox.close()
 
     def _next_wait(self) -> float:
-        wait = self._options.flush_interval
         with self._cond:
+            until = self._not_before - time.monotonic()
+            if self._failures:  # a retry is due at _not_before
+                return max(0.0, until)
+            wait = self._options.flush_interval
             if self._waiters:
                 wait = min(wait, _POLL_WHILE_WAITING)
-            until = self._not_before - time.monotonic()
-        return max(0.0, min(wait, until) if until > 0 else wait)
+        return min(wait, until) if until > 0 else wait
 
     def _cycle(self, outbox: Outbox) -> None:
         """Drain from the head until empty, backed off, or blocked."""
@@ -257,9 +262,10 @@ class Sender:
     def _after_failure(self, outcome: Outcome) -> None:
         now = time.monotonic()
         with self._cond:
+            if outcome.retry_after is not None:
+                self._retry_after_until = now + outcome.retry_after
             if outcome.kind == _retry.AUTH:
                 self._not_before = now + PAUSE_AFTER_FAILURE
-                self._block("auth")
                 error = WhisperrError("auth", "delivery paused: API key rejected", outcome.status)
             else:
                 self._failures += 1
@@ -272,18 +278,17 @@ class Sender:
                     return
                 self._failures = 0
                 self._not_before = now + max(PAUSE_AFTER_FAILURE, outcome.retry_after or 0.0)
-                self._block("retry_exhausted")
                 error = WhisperrError(
                     "retry_exhausted",
                     f"delivery failed after retries ({outcome.detail}); the ops stay queued",
                     outcome.status,
                 )
+        # Report first, so that a flush() that returns "blocked" finds on_error already run.
         self._report(error)
-
-    def _block(self, reason: str) -> None:
-        self._blocked += 1
-        self._blocked_reason = reason
-        self._cond.notify_all()
+        with self._cond:
+            self._blocked += 1
+            self._blocked_reason = error.type
+            self._cond.notify_all()
 
     def _deliver(self, outbox: Outbox, rows: list[Row]) -> Optional[Outcome]:
         """Send claimed rows; ``None`` when all were delivered or dead-lettered.

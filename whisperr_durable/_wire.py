@@ -61,6 +61,8 @@ def _json_default(value: Any) -> Any:
         return int(value) if value == value.to_integral_value() else float(value)
     if isinstance(value, UUID):
         return str(value)
+    if isinstance(value, Mapping):
+        return dict(value)
     raise TypeError(f"a value of type {type(value).__name__} is not JSON serialisable")
 
 
@@ -85,12 +87,14 @@ def _require_user_id(external_user_id: Any) -> None:
         raise InvalidOp("external_user_id must be a non-empty string")
 
 
-def _optional_mapping(name: str, value: Any) -> Mapping[str, Any]:
+def _optional_mapping(name: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
+    if type(value) is dict:
+        return value
     if not isinstance(value, Mapping):
         raise InvalidOp(f"{name} must be a dict, got {type(value).__name__}")
-    return value
+    return dict(value)
 
 
 def encode_track(
