@@ -752,3 +752,24 @@ def test_a_fork_while_another_thread_is_inside_the_client(
     assert client.flush(timeout=5).ok
     assert numbers(server.events)[-1] == 2
     assert server.duplicates == 0
+
+
+def test_a_store_failure_is_reported_counted_and_never_raised(
+    make_client: MakeClient, db_path: str
+) -> None:
+    errors: list[WhisperrError] = []
+    client = make_client(store_timeout=0.05, on_error=errors.append)
+    client.track("u1", "before_lock", {"i": 0})
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        client.track("u1", "while_locked", {"i": 1})  # must not raise
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert [e.type for e in errors] == ["store_error"]
+    stats = client.stats()
+    assert stats.store_errors == 1
+    assert stats.pending == 1  # what was stored before is untouched
+    client.track("u1", "after_lock", {"i": 2})
+    assert client.stats().pending == 2

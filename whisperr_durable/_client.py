@@ -11,6 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._errors import WhisperrError
@@ -134,6 +135,7 @@ class DurableWhisperr:
         http = Transport(self._options.base_url, key, transport)
         self._sender = Sender(self._options, fingerprint, http, self._emit)
         self._since_wake = 0
+        self._store_errors = 0
         self._closed = False
         self._clock_ms: Callable[[], int] = utc_now_ms
         _live_clients.add(self)
@@ -253,7 +255,7 @@ class DurableWhisperr:
         if self._disabled:
             return Stats(0, 0, None, 0, 0, 0)
         with self._lock:
-            return self._outbox.stats()
+            return replace(self._outbox.stats(), store_errors=self._store_errors)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` ops the server refused, for this client's key."""
@@ -275,6 +277,7 @@ class DurableWhisperr:
                 )
             except StoreError as exc:
                 error = str(exc)
+                self._store_errors += 1
             else:
                 self._since_wake += 1
                 wake = self._since_wake >= self._options.flush_at

@@ -120,12 +120,15 @@ class DeadLetter:
 
 @dataclass(frozen=True)
 class Stats:
+    """What the outbox holds for one key; ``store_errors`` counts this process's failures."""
+
     pending_tracks: int
     pending_identifies: int
     oldest_created_ms: Optional[int]
     dead_letters: int
     evicted: int
     schema_version: int
+    store_errors: int = 0
 
     @property
     def pending(self) -> int:
