@@ -754,8 +754,8 @@ def test_a_fork_while_another_thread_is_inside_the_client(
     assert server.duplicates == 0
 
 
-def test_a_store_failure_is_reported_counted_and_never_raised(
-    make_client: MakeClient, db_path: str
+def test_an_op_that_cannot_be_stored_is_held_and_stored_first_when_the_file_recovers(
+    make_client: MakeClient, db_path: str, server: DevServer
 ) -> None:
     errors: list[WhisperrError] = []
     client = make_client(store_timeout=0.05, on_error=errors.append)
@@ -764,12 +764,15 @@ def test_a_store_failure_is_reported_counted_and_never_raised(
     blocker.execute("BEGIN IMMEDIATE")
     try:
         client.track("u1", "while_locked", {"i": 1})  # must not raise
+        client.track("u1", "while_locked", {"i": 2})
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    assert [e.type for e in errors] == ["store_error"]
+    assert [e.type for e in errors] == ["store_error"]  # once per episode
     stats = client.stats()
-    assert stats.store_errors == 1
+    assert stats.store_errors == 2
     assert stats.pending == 1  # what was stored before is untouched
-    client.track("u1", "after_lock", {"i": 2})
-    assert client.stats().pending == 2
+    client.track("u1", "after_lock", {"i": 3})
+    assert client.stats().pending == 4
+    assert client.flush(timeout=5).ok
+    assert [e["properties"]["i"] for e in server.events] == [0, 1, 2, 3]

@@ -203,16 +203,43 @@ def test_newer_schema_version_raises_store_error(db_path: str) -> None:
     assert raw(db_path, "SELECT name FROM sqlite_master WHERE name = 'ops'") == []
 
 
-def test_not_a_database_raises_store_error(db_path: str) -> None:
-    Path(db_path).write_bytes(b"this is not a sqlite file at all, just some text" * 100)
-    ob = Outbox(db_path, KEY, store_timeout=0.05)
+def test_a_file_that_is_not_a_database_is_moved_aside(db_path: str) -> None:
+    garbage = b"this is not a sqlite file at all, just some text" * 100
+    Path(db_path).write_bytes(garbage)
+    reports: list[str] = []
+    ob = Outbox(db_path, KEY, store_timeout=0.05, report=reports.append)
     try:
-        with pytest.raises(StoreError):
-            ob.append(TRACK, body(1), NOW, BIG_QUEUE)
-        with pytest.raises(StoreError):
-            ob.stats()
+        op_id, _ = ob.append(TRACK, body(1), NOW, BIG_QUEUE)
+        assert ob.stats().pending == 1
     finally:
         ob.close()
+    asides = sorted(p.name for p in Path(db_path).parent.glob("outbox.db.corrupt-*"))
+    assert len(asides) == 1, asides
+    assert (Path(db_path).parent / asides[0]).read_bytes() == garbage  # kept for inspection
+    assert len(reports) == 1 and asides[0] in reports[0]
+
+
+def test_corruption_found_in_use_moves_the_file_aside(db_path: str) -> None:
+    first = Outbox(db_path, KEY)
+    for n in range(200):
+        put(first, n)
+    first.checkpoint(truncate=True)
+    first.close()
+    # A valid header over broken table pages: the file opens, the first real read fails.
+    with open(db_path, "r+b") as handle:
+        handle.seek(4096)
+        handle.write(b"garbage!" * 4096)
+    reports: list[str] = []
+    ob = Outbox(db_path, KEY, store_timeout=0.05, report=reports.append)
+    try:
+        with pytest.raises(StoreError, match="malformed"):
+            ob.stats()
+        put(ob, 1)  # a fresh outbox
+        assert ob.stats().pending == 1
+    finally:
+        ob.close()
+    assert len(reports) == 1
+    assert len(list(Path(db_path).parent.glob("outbox.db.corrupt-*"))) == 1
 
 
 def test_reopening_keeps_rows(db_path: str) -> None:

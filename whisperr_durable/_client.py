@@ -10,7 +10,9 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping
+from contextlib import suppress
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -27,6 +29,7 @@ from ._options import (
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_STORE_TIMEOUT,
+    MAX_OVERFLOW,
     Options,
 )
 from ._outbox import DeadLetter, Outbox, Stats, StoreError
@@ -128,14 +131,26 @@ class DurableWhisperr:
             fsync=fsync,
             store_timeout=store_timeout,
             max_dead_letters=max_dead_letters,
+            report=self._report_store_incident,
         )
-        # httpx is imported here, not when whisperr_durable is: a cron job pays for it once.
+        # httpx and filelock are imported here, not with the package: a process that only
+        # imports whisperr_durable does not pay for them.
+        from ._lock import SenderLock, lock_path
         from ._transport import Transport
 
-        http = Transport(self._options.base_url, key, transport)
-        self._sender = Sender(self._options, fingerprint, http, self._emit)
+        self._sender = Sender(
+            self._options,
+            fingerprint,
+            Transport(self._options.base_url, key, transport),
+            SenderLock(lock_path(self._options.path, fingerprint)),
+            self._emit,
+            on_wake=self._store_overflow,
+        )
         self._since_wake = 0
         self._store_errors = 0
+        # Ops that could not be stored (disk full, read-only, locked), oldest first; written
+        # before any newer op as soon as the outbox takes writes again.
+        self._overflow: deque[tuple[int, str, int]] = deque()
         self._closed = False
         self._clock_ms: Callable[[], int] = utc_now_ms
         _live_clients.add(self)
@@ -221,6 +236,8 @@ class DurableWhisperr:
             return FlushResult()
         try:
             with self._lock:
+                if self._overflow:
+                    self._store_overflow_locked()
                 last_id = self._outbox.last_id()
 
             def pending() -> int:
@@ -229,8 +246,8 @@ class DurableWhisperr:
 
             return self._sender.flush(pending, timeout)
         except StoreError as exc:
-            log.warning("whisperr_durable: flush could not read the outbox: %s", exc)
-            return FlushResult(0, "store")
+            log.warning("whisperr_durable: flush could not use the outbox: %s", exc)
+            return FlushResult(len(self._overflow), "store")
 
     def shutdown(self, timeout: Optional[float] = None) -> FlushResult:
         """Flush for at most ``timeout`` seconds (default ``shutdown_timeout``), then stop.
@@ -245,6 +262,11 @@ class DurableWhisperr:
         deadline = time.monotonic() + budget
         result = self.flush(budget)
         self._sender.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+        if self._overflow:
+            lost = len(self._overflow)
+            self._overflow.clear()
+            log.warning("whisperr_durable: %d op(s) that could not be stored are lost", lost)
+            self._emit(WhisperrError("dropped", f"{lost} op(s) that could not be stored are lost"))
         with self._lock:
             self._outbox.close()
         _live_clients.discard(self)
@@ -268,25 +290,46 @@ class DurableWhisperr:
 
     def _append(self, kind: int, body: str, created_ms: int) -> None:
         error: Optional[str] = None
-        evicted = 0
+        evicted = lost = 0
         wake = False
         with self._lock:
             try:
-                _, evicted = self._outbox.append(
-                    kind, body, created_ms, self._options.max_queue_size
-                )
+                if self._overflow:
+                    self._overflow.append((kind, body, created_ms))
+                    evicted = self._store_overflow_locked()
+                else:
+                    _, evicted = self._outbox.append(
+                        kind, body, created_ms, self._options.max_queue_size
+                    )
             except StoreError as exc:
-                error = str(exc)
                 self._store_errors += 1
+                if not self._overflow:  # the first failure of an episode is reported
+                    error = str(exc)
+                    self._overflow.append((kind, body, created_ms))
+                if len(self._overflow) > MAX_OVERFLOW:
+                    self._overflow.popleft()
+                    lost = 1
             else:
                 self._since_wake += 1
                 wake = self._since_wake >= self._options.flush_at
                 if wake:
                     self._since_wake = 0
         if error is not None:
-            log.warning("whisperr_durable: an op could not be stored: %s", error)
-            self._emit(WhisperrError("store_error", f"the op could not be stored: {error}"))
-            return
+            log.warning(
+                "whisperr_durable: the outbox cannot be written (%s); holding up to %d ops in "
+                "memory until it can",
+                error,
+                MAX_OVERFLOW,
+            )
+            self._emit(WhisperrError("store_error", f"the outbox cannot be written: {error}"))
+        if lost:
+            self._emit(
+                WhisperrError(
+                    "dropped",
+                    "the outbox cannot be written and the memory buffer "
+                    "is full: dropped the oldest op",
+                )
+            )
         if evicted:
             log.warning("whisperr_durable: queue full, evicted %d oldest op(s)", evicted)
             self._emit(WhisperrError("dropped", f"queue full: evicted {evicted} oldest op(s)"))
@@ -294,6 +337,29 @@ class DurableWhisperr:
             self._sender.start()
             if wake:
                 self._sender.wake()
+
+    def _store_overflow_locked(self) -> int:
+        """Write the ops held in memory, oldest first, in one transaction (raises StoreError)."""
+        evicted = self._outbox.append_many(list(self._overflow), self._options.max_queue_size)
+        log.info(
+            "whisperr_durable: the outbox takes writes again; stored %d held op(s)",
+            len(self._overflow),
+        )
+        self._overflow.clear()
+        return evicted
+
+    def _store_overflow(self) -> None:
+        # Called by the sender on every wake-up, so held ops are written even if no new
+        # call comes.
+        if not self._overflow:
+            return
+        with self._lock:
+            if self._overflow:
+                with suppress(StoreError):
+                    self._store_overflow_locked()
+
+    def _report_store_incident(self, message: str) -> None:
+        self._emit(WhisperrError("store_error", message))
 
     def _invalid(self, method: str, exc: Exception) -> None:
         if not isinstance(exc, InvalidOp):
@@ -315,6 +381,7 @@ class DurableWhisperr:
         # Another thread may have held the lock at fork time; it never unlocks in the child.
         self._lock = threading.Lock()
         self._since_wake = 0
+        self._overflow.clear()  # the parent still holds these and will store them
         self._sender.after_fork()
 
 

@@ -26,6 +26,9 @@ MAX_BATCH_SIZE = 500
 MAX_OP_BYTES = 32 * 1024
 # A batch body is kept under this many bytes (fewer events go in one request if needed).
 MAX_BATCH_BYTES = 512 * 1024
+# Ops held in memory while the outbox cannot be written (disk full, read-only, locked);
+# beyond this many the oldest are dropped.
+MAX_OVERFLOW = 1_000
 # The server rejects events older than this.
 MAX_EVENT_AGE = 30 * 24 * 3600.0
 

@@ -15,7 +15,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
@@ -23,8 +23,6 @@ from typing import Any, Callable, Optional, TypeVar
 from ._wire import IDENTIFY, TRACK
 
 log = logging.getLogger("whisperr_durable")
-
-SCHEMA_VERSION = 1
 
 _SCHEMA_V1 = (
     """CREATE TABLE ops (
@@ -70,6 +68,13 @@ _SCHEMA_V1 = (
         PRIMARY KEY (key_fp, name)
     ) WITHOUT ROWID""",
 )
+
+# _MIGRATIONS[n] takes a file from schema version n to n + 1, in one transaction.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+# SQLite's words for a file that is not (or no longer) a usable database.
+_CORRUPT = ("file is not a database", "database disk image is malformed")
 
 # Callers never checkpoint in the normal run of things (the sender does, off their
 # thread); this bound only stops the WAL growing without end if the sender cannot.
@@ -135,6 +140,10 @@ class Stats:
         return self.pending_tracks + self.pending_identifies
 
 
+def _is_corrupt(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and any(m in str(exc) for m in _CORRUPT)
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
     text = str(exc)
     return "database is locked" in text or "database table is locked" in text
@@ -170,6 +179,7 @@ class Outbox:
         store_timeout: float = 5.0,
         max_dead_letters: int = 1000,
         autocheckpoint: bool = False,
+        report: Optional[Callable[[str], None]] = None,
     ) -> None:
         self.path = path
         self.key_fp = key_fp
@@ -177,8 +187,10 @@ class Outbox:
         self._store_timeout = store_timeout
         self._max_dead_letters = max_dead_letters
         self._autocheckpoint = autocheckpoint
+        self._report = report
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = 0
+        self._inode = 0
 
     # ---- connection ----
 
@@ -188,11 +200,23 @@ class Outbox:
         if self._conn is not None:
             _ABANDONED.append(self._conn)
             self._conn = None
+        try:
+            conn = self._open()
+        except sqlite3.DatabaseError as exc:
+            if not _is_corrupt(exc):
+                raise
+            self._move_aside(str(exc))
+            conn = self._open()
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    def _open(self) -> sqlite3.Connection:
         _create_private_file(self.path)
         # timeout=0: SQLite's own busy handler sleeps up to 100 ms a step; ours retries sooner.
         conn = sqlite3.connect(
             self.path, timeout=0, isolation_level=None, check_same_thread=False
         )
+        self._inode = os.stat(self.path).st_ino
         try:
             self._retry_busy(lambda: self._check_version(conn))
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
@@ -203,8 +227,25 @@ class Outbox:
         except BaseException:
             conn.close()
             raise
-        self._conn, self._pid = conn, os.getpid()
         return conn
+
+    def _move_aside(self, why: str) -> None:
+        """Rename a corrupt outbox (and its WAL) out of the way, once, whoever sees it first."""
+        import filelock
+
+        with filelock.FileLock(f"{self.path}.repair.lock", timeout=self._store_timeout, mode=0o600):
+            if self._inode and os.stat(self.path).st_ino != self._inode:
+                return  # another process moved it aside already
+            aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+            os.rename(self.path, aside)
+            with suppress(FileNotFoundError):
+                os.rename(self.path + "-wal", aside + "-wal")
+            with suppress(FileNotFoundError):
+                os.unlink(self.path + "-shm")  # an index of the WAL, rebuilt on open
+        message = f"{self.path} was not a usable outbox ({why}); moved aside to {aside}"
+        log.warning("whisperr_durable: %s", message)
+        if self._report is not None:
+            self._report(message)
 
     def _check_version(self, conn: sqlite3.Connection) -> int:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -218,12 +259,15 @@ class Outbox:
     def _migrate(self, conn: sqlite3.Connection) -> None:
         if self._retry_busy(lambda: self._check_version(conn)) == SCHEMA_VERSION:
             return
+        # Under the write lock: of several processes opening the file at once, the first
+        # migrates and the others find the work done.
         self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
-            if self._check_version(conn) == 0:
-                for statement in _SCHEMA_V1:
+            version = self._check_version(conn)
+            for statements in _MIGRATIONS[version:]:
+                for statement in statements:
                     conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -257,14 +301,24 @@ class Outbox:
                     conn.execute("ROLLBACK")
                 raise
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+            raise self._store_error(exc) from exc
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         try:
             conn = self._connection()
             return self._retry_busy(lambda: conn.execute(sql, params).fetchall())
         except (sqlite3.Error, OSError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+            raise self._store_error(exc) from exc
+
+    def _store_error(self, exc: BaseException) -> StoreError:
+        if _is_corrupt(exc) and self._conn is not None:
+            # Found corrupt in use: set it aside so that the next call starts afresh.
+            self.close()
+            try:
+                self._move_aside(str(exc))
+            except OSError as move_error:  # filelock.Timeout is an OSError too
+                log.warning("whisperr_durable: could not move %s aside: %s", self.path, move_error)
+        return StoreError(f"{type(exc).__name__}: {exc}")
 
     def open(self) -> None:
         """Open (and create or migrate) the file now rather than on first use."""
@@ -291,11 +345,23 @@ class Outbox:
                 (self.key_fp, kind, body, created_ms),
             )
             op_id = cursor.lastrowid or 0
-            (size,) = conn.execute(
-                "SELECT n FROM queue_sizes WHERE key_fp = ?", (self.key_fp,)
-            ).fetchone()
-            evicted = self._evict(conn, size - max_queue_size) if size > max_queue_size else 0
+            evicted = self._bound(conn, max_queue_size)
         return op_id, evicted
+
+    def append_many(self, ops: Sequence[tuple[int, str, int]], max_queue_size: int) -> int:
+        """Store ``(kind, body, created_ms)`` ops in one transaction; returns the evicted count."""
+        with self._write() as conn:
+            conn.executemany(
+                "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, ?, ?, ?)",
+                [(self.key_fp, kind, body, created_ms) for kind, body, created_ms in ops],
+            )
+            return self._bound(conn, max_queue_size)
+
+    def _bound(self, conn: sqlite3.Connection, max_queue_size: int) -> int:
+        (size,) = conn.execute(
+            "SELECT n FROM queue_sizes WHERE key_fp = ?", (self.key_fp,)
+        ).fetchone()
+        return self._evict(conn, size - max_queue_size) if size > max_queue_size else 0
 
     def _evict(self, conn: sqlite3.Connection, count: int) -> int:
         evicted = conn.execute(
@@ -324,13 +390,15 @@ class Outbox:
         lease_ms: int,
         max_age_ms: int,
         now_ms: int,
+        take_over: bool = False,
     ) -> Claim:
         """Lease the next batch from the head of this key's queue.
 
         The batch is one identify alone, or the leading run of tracks (at most ``max_rows``,
         at most ``max_bytes`` of JSON). Nothing is claimed while the head is leased by another
-        owner whose lease is still running. Tracks older than ``max_age_ms`` are moved to the
-        dead letters on the way, since the server would refuse them.
+        owner whose lease is still running, unless ``take_over``: the caller holds the sender
+        lock that owner needed, so that owner is gone. Tracks older than ``max_age_ms`` are
+        moved to the dead letters on the way, since the server would refuse them.
         """
         with self._write() as conn:
             head = conn.execute(
@@ -343,8 +411,10 @@ class Outbox:
             size = 0
             for op_id, kind, body, created_ms, attempts, lease_owner, lease_until in head:
                 # A lease further ahead than any lease we give means the clock went back.
-                leased = lease_owner not in (None, owner) and (
-                    now_ms < lease_until <= now_ms + lease_ms
+                leased = (
+                    not take_over
+                    and lease_owner not in (None, owner)
+                    and now_ms < lease_until <= now_ms + lease_ms
                 )
                 if leased:
                     break

@@ -28,6 +28,7 @@ from ._outbox import Outbox, Row, StoreError
 from ._wire import IDENTIFY, batch_body, utc_now_ms
 
 if TYPE_CHECKING:
+    from ._lock import SenderLock
     from ._transport import Outcome, Transport
 
 log = logging.getLogger("whisperr_durable")
@@ -70,12 +71,16 @@ class Sender:
         options: Options,
         key_fp: str,
         transport: Transport,
+        lock: SenderLock,
         report: Callable[[WhisperrError], None],
+        on_wake: Callable[[], None] = lambda: None,
     ) -> None:
         self._options = options
         self._key_fp = key_fp
         self._transport = transport
+        self._lock = lock
         self._report = report
+        self._on_wake = on_wake
         self._reset()
 
     def _reset(self) -> None:
@@ -95,6 +100,7 @@ class Sender:
         self._waiters = 0
 
     def after_fork(self) -> None:
+        self._lock.after_fork_in_child()
         self._reset()
 
     # ---- control, from caller threads ----
@@ -159,6 +165,7 @@ class Sender:
         try:
             while True:
                 blocked = self._blocked
+                self._on_wake()
                 self._cycle(outbox)
                 left = pending()
                 if left == 0:
@@ -204,6 +211,7 @@ class Sender:
                 if self._stop.is_set():
                     break
                 try:
+                    self._on_wake()
                     self._cycle(outbox)
                     outbox.checkpoint()
                 except StoreError as exc:
@@ -227,7 +235,21 @@ class Sender:
         return min(wait, until) if until > 0 else wait
 
     def _cycle(self, outbox: Outbox) -> None:
-        """Drain from the head until empty, backed off, or blocked."""
+        """Lead, if no other process does, and drain from the head."""
+        if time.monotonic() < self._not_before:
+            return
+        lead = self._lock.try_acquire()
+        if lead is False:
+            return  # another process is sending this key's ops; a flush waiter polls
+        try:
+            # Holding the lock, any lease we find is a dead sender's: take its rows at once.
+            self._drain(outbox, take_over=lead is True)
+        finally:
+            if lead:
+                self._lock.release()
+
+    def _drain(self, outbox: Outbox, take_over: bool) -> None:
+        """Send from the head until the queue is empty, backed off, or blocked."""
         options = self._options
         while not self._stop.is_set() and time.monotonic() >= self._not_before:
             now_ms = utc_now_ms()
@@ -238,6 +260,7 @@ class Sender:
                 lease_ms=int((options.request_timeout + _LEASE_SLACK) * 1000),
                 max_age_ms=int(MAX_EVENT_AGE * 1000),
                 now_ms=now_ms,
+                take_over=take_over,
             )
             if claim.expired:
                 self._report(
