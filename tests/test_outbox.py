@@ -209,7 +209,7 @@ def test_a_file_that_is_not_a_database_is_moved_aside(db_path: str) -> None:
     reports: list[str] = []
     ob = Outbox(db_path, KEY, store_timeout=0.05, report=reports.append)
     try:
-        op_id, _ = ob.append(TRACK, body(1), NOW, BIG_QUEUE)
+        ob.append(TRACK, body(1), NOW, BIG_QUEUE)
         assert ob.stats().pending == 1
     finally:
         ob.close()
@@ -785,7 +785,7 @@ def test_locked_database_raises_store_error_within_store_timeout(
         assert ob.stats().pending == 0  # readers are not blocked by a writer in WAL mode
         started = time.monotonic()
         with pytest.raises(StoreError, match="locked"):
-            ob.append(TRACK, body(1), NOW, BIG_QUEUE)
+            op_id, _ = ob.append(TRACK, body(1), NOW, BIG_QUEUE)
         elapsed = time.monotonic() - started
         assert 0.045 <= elapsed < 2.0
         # The failed call left no transaction behind: once the lock goes, writes work.
@@ -845,7 +845,8 @@ def test_forked_child_opens_its_own_connection(outbox: Outbox) -> None:
         return code
 
     assert run_in_child(child) == 0
-    assert outbox._connection() is parent_conn
+    # No connection crosses a fork: the parent's was closed before it and reopens on use.
+    assert outbox._connection() is not parent_conn
     after = put(outbox, 3)
     c = claim(outbox)
     assert [row.body for row in c.rows] == [body(1), body(2), body(3)]

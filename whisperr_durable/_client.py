@@ -92,9 +92,12 @@ class DurableWhisperr:
         fsync: bool = False,
         strict: bool = False,
     ) -> None:
-        key = api_key or os.environ.get("WHISPERR_API_KEY", "")
+        # A key read from a file often ends with a newline.
+        key = (api_key or os.environ.get("WHISPERR_API_KEY", "")).strip()
         if not key and not disabled:
             raise ValueError("api_key is required (pass it or set WHISPERR_API_KEY)")
+        if not (key.isascii() and key.isprintable()):
+            raise ValueError("api_key has characters that cannot be sent in an HTTP header")
         self._disabled = bool(disabled)
         self._on_error = on_error
         self._strict = strict
@@ -216,9 +219,9 @@ class DurableWhisperr:
         """
         if self._disabled:
             return
-        if channels is None:
-            channels = shortcut_channels(email, phone, push_token)
         try:
+            if channels is None:
+                channels = shortcut_channels(email, phone, push_token)
             body = encode_identify(external_user_id, traits, preferred_channel, channels)
         except Exception as exc:
             self._invalid("identify", exc)
@@ -237,17 +240,21 @@ class DurableWhisperr:
         try:
             with self._lock:
                 if self._overflow:
-                    self._store_overflow_locked()
+                    with suppress(StoreError):
+                        self._store_overflow_locked()
                 last_id = self._outbox.last_id()
 
             def pending() -> int:
                 with self._lock:
                     return self._outbox.pending_through(last_id)
 
-            return self._sender.flush(pending, timeout)
+            result = self._sender.flush(pending, timeout)
         except StoreError as exc:
             log.warning("whisperr_durable: flush could not use the outbox: %s", exc)
             return FlushResult(len(self._overflow), "store")
+        if self._overflow:  # held in memory: not delivered, whatever the sender did
+            return FlushResult(result.pending + len(self._overflow), "store")
+        return result
 
     def shutdown(self, timeout: Optional[float] = None) -> FlushResult:
         """Flush for at most ``timeout`` seconds (default ``shutdown_timeout``), then stop.
@@ -391,9 +398,14 @@ _live_clients: weakref.WeakSet[DurableWhisperr] = weakref.WeakSet()
 
 
 def _shutdown_all() -> None:
-    for client in list(_live_clients):
+    # One budget for all clients, not one each: exit takes at most the longest
+    # shutdown_timeout (plus a moment to stop each thread).
+    clients = list(_live_clients)
+    budget = max((c._options.shutdown_timeout for c in clients), default=0.0)
+    deadline = time.monotonic() + budget
+    for client in clients:
         try:
-            client.shutdown()
+            client.shutdown(min(client._options.shutdown_timeout, deadline - time.monotonic()))
         except Exception:
             log.debug("shutdown at exit failed", exc_info=True)
 

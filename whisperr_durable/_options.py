@@ -29,8 +29,12 @@ MAX_BATCH_BYTES = 512 * 1024
 # Ops held in memory while the outbox cannot be written (disk full, read-only, locked);
 # beyond this many the oldest are dropped.
 MAX_OVERFLOW = 1_000
-# The server rejects events older than this.
+# The server rejects events older than this; we dead-letter them this much sooner, so that
+# one does not expire on its way (or through a few minutes of clock skew).
 MAX_EVENT_AGE = 30 * 24 * 3600.0
+EXPIRY_MARGIN = 300.0
+# No lease we give is longer; one further ahead than this means the clock went back.
+MAX_LEASE = 600.0
 
 # Backoff: min(BACKOFF_CAP, 2**n) seconds plus up to BACKOFF_JITTER, as the official SDKs.
 BACKOFF_CAP = 30.0

@@ -14,12 +14,15 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
+from ._options import MAX_LEASE
 from ._wire import IDENTIFY, TRACK
 
 log = logging.getLogger("whisperr_durable")
@@ -80,12 +83,14 @@ _CORRUPT = ("file is not a database", "database disk image is malformed")
 # thread); this bound only stops the WAL growing without end if the sender cannot.
 _CALLER_AUTOCHECKPOINT_PAGES = 10_000
 
-# Connections left behind by fork. Closing one in the child could checkpoint or delete the
-# parent's WAL, and garbage collection would close it: keep them referenced, never use them.
+# Connections left behind by fork, or to a file since moved aside. Closing one could
+# checkpoint into or delete a WAL that is not its own, and garbage collection would close
+# it: keep them referenced, never use them.
 _ABANDONED: list[sqlite3.Connection] = []
 
 T = TypeVar("T")
 
+_MAX_LEASE_MS = int(MAX_LEASE * 1000)
 _EXPIRED = "expired: older than the server's 30-day window"
 
 
@@ -191,15 +196,28 @@ class Outbox:
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = 0
         self._inode = 0
+        # Held around every use of the connection, so that a fork can wait for it to be idle.
+        self._guard = threading.RLock()
+        _live_outboxes.add(self)
 
     # ---- connection ----
 
-    def _connection(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
+    def _connection(self, *, same_file: bool = False) -> sqlite3.Connection:
+        """The open connection, (re)opened if needed.
+
+        ``same_file``: the caller names rows by the ids of an earlier claim, which mean
+        nothing in another file: if the file was replaced since, raise instead of reopening.
+        """
         if self._conn is not None:
+            if self._pid == os.getpid() and self._same_file():
+                return self._conn
+            # Inherited through fork, or the file was moved aside under us: never use it
+            # again, and never close it (closing can checkpoint into, or delete, the WAL
+            # that now belongs to another process or another file).
             _ABANDONED.append(self._conn)
             self._conn = None
+        if same_file and self._inode and not self._same_file():
+            raise StoreError(f"{self.path} was replaced; rows claimed from the old file are gone")
         try:
             conn = self._open()
         except sqlite3.DatabaseError as exc:
@@ -211,6 +229,8 @@ class Outbox:
         return conn
 
     def _open(self) -> sqlite3.Connection:
+        if sqlite3.sqlite_version_info < (3, 24, 0):  # UPSERT, used by the schema
+            raise StoreError(f"SQLite {sqlite3.sqlite_version} is too old: 3.24 or newer needed")
         _create_private_file(self.path)
         # timeout=0: SQLite's own busy handler sleeps up to 100 ms a step; ours retries sooner.
         conn = sqlite3.connect(
@@ -246,6 +266,12 @@ class Outbox:
         log.warning("whisperr_durable: %s", message)
         if self._report is not None:
             self._report(message)
+
+    def _same_file(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == self._inode
+        except FileNotFoundError:
+            return False
 
     def _check_version(self, conn: sqlite3.Connection) -> int:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -288,10 +314,10 @@ class Outbox:
             delay = min(delay * 2, 0.005)
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, same_file: bool = False) -> Iterator[sqlite3.Connection]:
         """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
-        try:
-            conn = self._connection()
+        with self._guard, self._sqlite_errors():
+            conn = self._connection(same_file=same_file)
             self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
             try:
                 yield conn
@@ -300,13 +326,17 @@ class Outbox:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        except (sqlite3.Error, OSError) as exc:
-            raise self._store_error(exc) from exc
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        try:
+        with self._guard, self._sqlite_errors():
             conn = self._connection()
             return self._retry_busy(lambda: conn.execute(sql, params).fetchall())
+
+    @contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """sqlite3 and OS errors leave this module as :class:`StoreError`."""
+        try:
+            yield
         except (sqlite3.Error, OSError) as exc:
             raise self._store_error(exc) from exc
 
@@ -325,12 +355,13 @@ class Outbox:
         self._read("SELECT 1")
 
     def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None and self._pid == os.getpid():
-            try:
-                conn.close()
-            except sqlite3.Error:
-                log.debug("closing the outbox failed", exc_info=True)
+        with self._guard:
+            conn, self._conn = self._conn, None
+            if conn is not None and self._pid == os.getpid():
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    log.debug("closing the outbox failed", exc_info=True)
 
     # ---- the write path ----
 
@@ -410,11 +441,11 @@ class Outbox:
             expired: list[int] = []
             size = 0
             for op_id, kind, body, created_ms, attempts, lease_owner, lease_until in head:
-                # A lease further ahead than any lease we give means the clock went back.
+                # A lease further ahead than any sender gives means the clock went back.
                 leased = (
                     not take_over
                     and lease_owner not in (None, owner)
-                    and now_ms < lease_until <= now_ms + lease_ms
+                    and now_ms < lease_until <= now_ms + _MAX_LEASE_MS
                 )
                 if leased:
                     break
@@ -441,15 +472,24 @@ class Outbox:
 
     def ack(self, first_id: int, last_id: int) -> int:
         """Delete a delivered run of rows (already-evicted ones are simply gone)."""
-        with self._write() as conn:
+        with self._write(same_file=True) as conn:
             return conn.execute(
                 "DELETE FROM ops WHERE key_fp = ? AND id BETWEEN ? AND ?",
                 (self.key_fp, first_id, last_id),
             ).rowcount
 
+    def renew(self, first_id: int, last_id: int, owner: str, until_ms: int) -> int:
+        """Extend our lease on a run of rows; returns how many rows we still hold."""
+        with self._write(same_file=True) as conn:
+            return conn.execute(
+                "UPDATE ops SET lease_until_ms = ? "
+                "WHERE key_fp = ? AND id BETWEEN ? AND ? AND lease_owner = ?",
+                (until_ms, self.key_fp, first_id, last_id, owner),
+            ).rowcount
+
     def release(self, first_id: int, last_id: int, owner: str, *, failed: bool) -> None:
         """Give back a leased run, counting one more failed attempt if ``failed``."""
-        with self._write() as conn:
+        with self._write(same_file=True) as conn:
             conn.execute(
                 "UPDATE ops SET lease_owner = NULL, lease_until_ms = 0, attempts = attempts + ? "
                 "WHERE key_fp = ? AND id BETWEEN ? AND ? AND lease_owner = ?",
@@ -460,7 +500,7 @@ class Outbox:
         self, first_id: int, last_id: int, status: Optional[int], reason: str, now_ms: int
     ) -> int:
         """Move a run of rows the server refused to the (bounded) dead-letter table."""
-        with self._write() as conn:
+        with self._write(same_file=True) as conn:
             return self._move_to_dead_letters(conn, first_id, last_id, status, reason, now_ms)
 
     def _move_to_dead_letters(
@@ -544,3 +584,35 @@ class Outbox:
     def checkpoint(self, *, truncate: bool = False) -> None:
         """Copy the WAL back into the database file (TRUNCATE also empties the WAL file)."""
         self._read(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})")
+
+
+# Fork: SQLite must not have a connection to the file open across fork(), or the child's
+# new connection inherits the parent's lock bookkeeping and runs without real locks. Before
+# a fork, wait for every outbox to be idle and close its connection; each reopens on use.
+_live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+_held_for_fork: list[Outbox] = []
+
+
+def _before_fork() -> None:
+    for outbox in list(_live_outboxes):
+        outbox._guard.acquire()
+        _held_for_fork.append(outbox)
+        outbox.close()
+
+
+def _after_fork_in_parent() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop()._guard.release()
+
+
+def _after_fork_in_child() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop()._guard = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Callable, Optional
 from . import _retry
 from ._errors import WhisperrError
 from ._options import (
+    EXPIRY_MARGIN,
     MAX_BATCH_BYTES,
     MAX_EVENT_AGE,
+    MAX_LEASE,
     PAUSE_AFTER_FAILURE,
     Options,
 )
@@ -40,6 +42,10 @@ _SPLIT_STATUSES = (400, 413)
 _POLL_WHILE_WAITING = 0.1
 # A lease outlives one request's timeout by this much.
 _LEASE_SLACK = 5.0
+# Every this many wake-ups the checkpoint also truncates the WAL file.
+_TRUNCATE_EVERY = 100
+# The soonest a failed request is tried again, whatever Retry-After says.
+_MIN_RETRY_DELAY = 0.01
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class FlushResult:
 
     @property
     def ok(self) -> bool:
-        return self.pending == 0
+        return self.pending == 0 and self.reason is None
 
     def __bool__(self) -> bool:
         return self.ok
@@ -77,6 +83,7 @@ class Sender:
     ) -> None:
         self._options = options
         self._key_fp = key_fp
+        self._lease_ms = int(min(options.request_timeout + _LEASE_SLACK, MAX_LEASE) * 1000)
         self._transport = transport
         self._lock = lock
         self._report = report
@@ -98,6 +105,8 @@ class Sender:
         self._blocked = 0
         self._blocked_reason: Optional[str] = None
         self._waiters = 0
+        self._store_error_logged = ""
+        self._store_error_quiet_until = 0.0
 
     def after_fork(self) -> None:
         self._lock.after_fork_in_child()
@@ -164,19 +173,21 @@ class Sender:
         outbox = self._open_outbox()
         try:
             while True:
+                if self._stop.is_set():
+                    return FlushResult(pending(), "stopped")
                 blocked = self._blocked
                 self._on_wake()
-                self._cycle(outbox)
+                self._cycle(outbox, deadline)
                 left = pending()
                 if left == 0:
                     return FlushResult()
                 if self._blocked != blocked:
                     return FlushResult(left, self._blocked_reason)
-                wait = self._not_before - time.monotonic()
-                if deadline is not None and time.monotonic() + max(wait, 0.0) >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     return FlushResult(left, "timeout")
-                if wait > 0:
-                    self._stop.wait(wait)
+                wait = max(self._not_before - now, _POLL_WHILE_WAITING)
+                self._stop.wait(wait if deadline is None else min(wait, deadline - now))
         finally:
             outbox.close()
 
@@ -204,6 +215,7 @@ class Sender:
 
     def _run(self) -> None:
         outbox = self._open_outbox()
+        wakes = 0
         try:
             while not self._stop.is_set():
                 self._wake.wait(self._next_wait())
@@ -213,9 +225,11 @@ class Sender:
                 try:
                     self._on_wake()
                     self._cycle(outbox)
-                    outbox.checkpoint()
+                    # Now and then also empty the WAL file, so it cannot grow without bound.
+                    wakes += 1
+                    outbox.checkpoint(truncate=wakes % _TRUNCATE_EVERY == 0)
                 except StoreError as exc:
-                    log.warning("whisperr_durable: the outbox is not usable: %s", exc)
+                    self._log_store_error(str(exc))
                 except Exception:  # the thread must outlive any bug in one cycle
                     log.exception("whisperr_durable: the sender hit an unexpected error")
                 with self._cond:
@@ -224,17 +238,27 @@ class Sender:
         finally:
             outbox.close()
 
+    def _log_store_error(self, text: str) -> None:
+        # A failing disk fails every cycle: say so once a minute, not ten times a second.
+        now = time.monotonic()
+        if text != self._store_error_logged or now >= self._store_error_quiet_until:
+            log.warning("whisperr_durable: the outbox is not usable: %s", text)
+            self._store_error_logged = text
+            self._store_error_quiet_until = now + 60.0
+        else:
+            log.debug("the outbox is not usable: %s", text)
+
     def _next_wait(self) -> float:
         with self._cond:
             until = self._not_before - time.monotonic()
-            if self._failures:  # a retry is due at _not_before
-                return max(0.0, until)
+            if until > 0 and self._failures:  # a retry is due then
+                return until
             wait = self._options.flush_interval
             if self._waiters:
                 wait = min(wait, _POLL_WHILE_WAITING)
         return min(wait, until) if until > 0 else wait
 
-    def _cycle(self, outbox: Outbox) -> None:
+    def _cycle(self, outbox: Outbox, deadline: Optional[float] = None) -> None:
         """Lead, if no other process does, and drain from the head."""
         if time.monotonic() < self._not_before:
             return
@@ -243,23 +267,25 @@ class Sender:
             return  # another process is sending this key's ops; a flush waiter polls
         try:
             # Holding the lock, any lease we find is a dead sender's: take its rows at once.
-            self._drain(outbox, take_over=lead is True)
+            self._drain(outbox, lead is True, deadline)
         finally:
             if lead:
                 self._lock.release()
 
-    def _drain(self, outbox: Outbox, take_over: bool) -> None:
-        """Send from the head until the queue is empty, backed off, or blocked."""
+    def _drain(self, outbox: Outbox, take_over: bool, deadline: Optional[float]) -> None:
+        """Send from the head until the queue is empty, backed off, blocked, or out of time."""
         options = self._options
-        while not self._stop.is_set() and time.monotonic() >= self._not_before:
-            now_ms = utc_now_ms()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now < self._not_before or (deadline is not None and now >= deadline):
+                return
             claim = outbox.claim(
                 self._owner,
                 max_rows=options.max_batch_size,
                 max_bytes=MAX_BATCH_BYTES,
-                lease_ms=int((options.request_timeout + _LEASE_SLACK) * 1000),
-                max_age_ms=int(MAX_EVENT_AGE * 1000),
-                now_ms=now_ms,
+                lease_ms=self._lease_ms,
+                max_age_ms=int((MAX_EVENT_AGE - EXPIRY_MARGIN) * 1000),
+                now_ms=utc_now_ms(),
                 take_over=take_over,
             )
             if claim.expired:
@@ -271,8 +297,10 @@ class Sender:
                     )
                 )
             if not claim.rows:
+                if claim.expired:
+                    continue  # more may be behind them
                 return
-            outcome = self._deliver(outbox, claim.rows)
+            outcome = self._deliver(outbox, claim.rows, deadline)
             with self._cond:
                 self._progress += 1
                 self._cond.notify_all()
@@ -294,9 +322,9 @@ class Sender:
                 self._failures += 1
                 if self._failures <= self._options.max_retries:
                     delay = outcome.retry_after
-                    self._not_before = now + (
-                        delay if delay is not None else _retry.backoff(self._failures)
-                    )
+                    if delay is None:
+                        delay = _retry.backoff(self._failures)
+                    self._not_before = now + max(delay, _MIN_RETRY_DELAY)
                     log.debug("delivery failed (%s); retry %d", outcome.detail, self._failures)
                     return
                 self._failures = 0
@@ -313,7 +341,9 @@ class Sender:
             self._blocked_reason = error.type
             self._cond.notify_all()
 
-    def _deliver(self, outbox: Outbox, rows: list[Row]) -> Optional[Outcome]:
+    def _deliver(
+        self, outbox: Outbox, rows: list[Row], deadline: Optional[float]
+    ) -> Optional[Outcome]:
         """Send claimed rows; ``None`` when all were delivered or dead-lettered.
 
         A 400 or 413 on several events splits the batch in halves until the bad events are
@@ -322,8 +352,12 @@ class Sender:
         todo = [rows]
         while todo:
             part = todo.pop()
-            outcome = self._post(part)
             first, last = part[0].id, part[-1].id
+            if part is not rows and not outbox.renew(
+                first, rows[-1].id, self._owner, utc_now_ms() + self._lease_ms
+            ):
+                return None  # the rows were evicted or taken over: nothing left to send
+            outcome = self._post(part, deadline)
             if outcome.kind == _retry.OK:
                 outbox.ack(first, last)
                 log.debug("delivered %d op(s)", len(part))
@@ -351,8 +385,10 @@ class Sender:
                 return outcome
         return None
 
-    def _post(self, part: list[Row]) -> Outcome:
+    def _post(self, part: list[Row], deadline: Optional[float]) -> Outcome:
         timeout = self._options.request_timeout
+        if deadline is not None:  # an inline flush at exit must not overrun its budget
+            timeout = max(0.001, min(timeout, deadline - time.monotonic()))
         if part[0].kind == IDENTIFY:
             return self._transport.post("/v1/identify", part[0].body.encode("ascii"), timeout)
         return self._transport.post("/v1/events/batch", batch_body([r.body for r in part]), timeout)

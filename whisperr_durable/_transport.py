@@ -43,6 +43,7 @@ class Transport:
             "User-Agent": USER_AGENT,
         }
         self._transport = transport
+        self._api_key = api_key
         self._client: Optional[httpx.Client] = None
         self._pid = 0
 
@@ -56,11 +57,11 @@ class Transport:
     def post(self, path: str, body: bytes, timeout: float) -> Outcome:
         try:
             response = self._http().post(self._base_url + path, content=body, timeout=timeout)
-        except httpx.HTTPError as exc:
-            return Outcome(RETRY, detail=f"{type(exc).__name__}: {exc}")
-        except Exception as exc:  # a custom transport's bug must not lose the batch
-            log.debug("transport raised", exc_info=True)
-            return Outcome(RETRY, detail=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # httpx's, or a custom transport's bug: never lose the batch
+            # Error texts can quote headers: the key must not reach a log or on_error.
+            detail = f"{type(exc).__name__}: {exc}".replace(self._api_key, "<api key>")
+            log.debug("request failed: %s", detail)
+            return Outcome(RETRY, detail=detail)
         status = response.status_code
         return Outcome(
             classify(status),
