@@ -151,12 +151,14 @@ class Sender:
             while True:
                 with self._cond:
                     seen = self._progress
+                    blocked = self._blocked != blocked_at_start
+                # Counted after the block was seen, so the count is not older than it.
                 left = pending()
                 if left == 0:
                     return FlushResult()
+                if blocked:
+                    return FlushResult(left, self._blocked_reason)
                 with self._cond:
-                    if self._blocked != blocked_at_start:
-                        return FlushResult(left, self._blocked_reason)
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
                         return FlushResult(left, "timeout")
@@ -339,6 +341,7 @@ class Sender:
         with self._cond:
             self._blocked += 1
             self._blocked_reason = error.type
+            self._progress += 1
             self._cond.notify_all()
 
     def _deliver(
@@ -366,19 +369,22 @@ class Sender:
                     half = len(part) // 2
                     todo += [part[half:], part[:half]]
                     continue
-                outbox.dead_letter(first, last, outcome.status, outcome.detail, utc_now_ms())
-                log.warning(
-                    "whisperr_durable: the server refused %d op(s) (%s); moved to the dead letters",
-                    len(part),
-                    outcome.detail,
-                )
-                self._report(
-                    WhisperrError(
-                        "dropped",
-                        f"the server refused {len(part)} op(s) ({outcome.detail})",
-                        outcome.status,
+                now_ms = utc_now_ms()
+                moved = outbox.dead_letter(first, last, outcome.status, outcome.detail, now_ms)
+                if moved:  # none if they were evicted while in flight (reported then)
+                    log.warning(
+                        "whisperr_durable: the server refused %d op(s) (%s); "
+                        "moved to the dead letters",
+                        moved,
+                        outcome.detail,
                     )
-                )
+                    self._report(
+                        WhisperrError(
+                            "dropped",
+                            f"the server refused {moved} op(s) ({outcome.detail})",
+                            outcome.status,
+                        )
+                    )
             else:
                 # Everything from here on is given back, in order, for a later attempt.
                 outbox.release(first, rows[-1].id, self._owner, failed=True)
