@@ -591,13 +591,16 @@ class Outbox:
 # a fork, wait for every outbox to be idle and close its connection; each reopens on use.
 _live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
 _held_for_fork: list[Outbox] = []
+_FORK_WAIT = 5.0
 
 
 def _before_fork() -> None:
     for outbox in list(_live_outboxes):
-        outbox._guard.acquire()
-        _held_for_fork.append(outbox)
-        outbox.close()
+        # Bounded: a fork must never hang on us. One we cannot wait for keeps its
+        # connection, and the child only abandons it (the pid check in _connection).
+        if outbox._guard.acquire(timeout=_FORK_WAIT):
+            _held_for_fork.append(outbox)
+            outbox.close()
 
 
 def _after_fork_in_parent() -> None:
