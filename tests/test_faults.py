@@ -1141,3 +1141,85 @@ def test_a_key_read_with_its_newline_never_leaks(
     secrets = (API_KEY,)
     assert leaked([e.message for e in errors], secrets) == []
     assert leaked(record_texts(caplog.records), secrets) == []
+
+
+# ---- crashes inside a migration and inside an eviction ----
+
+
+def test_a_migration_killed_midway_is_redone_by_the_next_process(
+    db_path: str, server: DevServer
+) -> None:
+    from whisperr_durable._outbox import _SCHEMA_V1
+
+    script = textwrap.dedent(
+        f"""
+        import sqlite3, sys
+        conn = sqlite3.connect({db_path!r}, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in {list(_SCHEMA_V1[:3])!r}:
+            conn.execute(statement)
+        print("mid-migration", flush=True)
+        sys.stdin.read()
+        """
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "mid-migration"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    client = DurableWhisperr(API_KEY, path=db_path, base_url=server.url, flush_at=10**6)
+    try:
+        client.track("u1", "after_crash", {"i": 1})
+        wait_ok(client.flush(timeout=5))
+        assert numbers(server.events) == [1]
+        assert raw(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_kills_during_eviction_keep_the_queue_bounded_and_its_count_exact(
+    db_path: str, server: DevServer
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        from whisperr_durable import DurableWhisperr
+        client = DurableWhisperr({API_KEY!r}, path={db_path!r}, base_url={server.url!r},
+                                 flush_at=10**6, flush_interval=3600.0, max_queue_size=50)
+        i = 0
+        while True:
+            client.track("u1", "evicting", {{"i": i}})
+            if i == 200:
+                print("evicting", flush=True)
+            i += 1
+        """
+    )
+    for _ in range(3):
+        child = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=child_env()
+        )
+        try:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "evicting"
+        finally:
+            child.send_signal(signal.SIGKILL)  # somewhere in a track(), mid-eviction or not
+            child.wait()
+        fp = key_fingerprint(API_KEY)
+        ((count,),) = raw(db_path, "SELECT count(*) FROM ops WHERE key_fp = ?", (fp,))
+        ((kept,),) = raw(db_path, "SELECT n FROM queue_sizes WHERE key_fp = ?", (fp,))
+        assert count == kept <= 50
+    client = DurableWhisperr(API_KEY, path=db_path, base_url=server.url, max_queue_size=50)
+    try:
+        wait_ok(client.flush(timeout=10))
+        got = numbers(server.events)
+        assert len(got) == count and got == sorted(got)  # the newest, in order
+    finally:
+        client.shutdown(timeout=1)
