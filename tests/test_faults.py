@@ -905,7 +905,14 @@ def test_six_processes_create_one_new_outbox_at_once(
     names = raw(db_path, "SELECT type, name, count(*) FROM sqlite_master GROUP BY type, name")
     assert all(c == 1 for _, _, c in names), names
     tables = {name for kind, name, _ in names if kind == "table"}
-    assert tables == {"ops", "queue_sizes", "dead_letters", "counters", "sqlite_sequence"}
+    assert tables == {
+        "ops",
+        "queue_sizes",
+        "dead_letters",
+        "counters",
+        "sender_state",
+        "sqlite_sequence",
+    }
     assert raw(db_path, "SELECT count(*) FROM ops") == [(n,)]
     assert raw(db_path, "SELECT n FROM queue_sizes") == [(n,)]
 

@@ -12,6 +12,7 @@ next client to open the same file delivers it, with the same ``$message_id``.
 
 import logging
 
+from ._admin import KeyStatus, OutboxFile, OutboxStatus, QueuedOp
 from ._billing import BillingEvent
 from ._client import DurableWhisperr, Whisperr
 from ._errors import WhisperrError
@@ -27,7 +28,11 @@ __all__ = [
     "DeadLetter",
     "DurableWhisperr",
     "FlushResult",
+    "KeyStatus",
+    "OutboxFile",
     "OutboxStats",
+    "OutboxStatus",
+    "QueuedOp",
     "StoreError",
     "Whisperr",
     "WhisperrError",

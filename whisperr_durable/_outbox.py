@@ -72,8 +72,20 @@ _SCHEMA_V1 = (
     ) WITHOUT ROWID""",
 )
 
+# What each key's sender last did, for operators (``whisperr-durable status``).
+_SCHEMA_V2 = (
+    """CREATE TABLE sender_state (
+        key_fp TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        last_attempt_ms INTEGER,
+        last_success_ms INTEGER,
+        last_error TEXT,
+        last_error_ms INTEGER
+    ) WITHOUT ROWID""",
+)
+
 # _MIGRATIONS[n] takes a file from schema version n to n + 1, in one transaction.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 # SQLite's words for a file that is not (or no longer) a usable database.
@@ -126,6 +138,62 @@ class DeadLetter:
     attempts: int
     status: Optional[int]
     reason: str
+    key_fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class KeyReport:
+    """One key's part of an outbox file, as ``key_reports`` reads it."""
+
+    key_fp: str
+    pending_tracks: int = 0
+    pending_identifies: int = 0
+    oldest_created_ms: Optional[int] = None
+    leased: int = 0
+    lease_owner: Optional[str] = None
+    lease_until_ms: Optional[int] = None
+    dead_letters: int = 0
+    evicted: int = 0
+    sender_pid: Optional[int] = None
+    last_attempt_ms: Optional[int] = None
+    last_success_ms: Optional[int] = None
+    last_error: Optional[str] = None
+    last_error_ms: Optional[int] = None
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, Any]) -> KeyReport:
+        sender = parts.get("sender") or (None, None, None, None, None)
+        return cls(
+            key_fp=parts["key_fp"],
+            pending_tracks=parts.get("tracks", 0),
+            pending_identifies=parts.get("identifies", 0),
+            oldest_created_ms=parts.get("oldest_ms"),
+            leased=parts.get("leased", 0),
+            lease_owner=parts.get("lease_owner"),
+            lease_until_ms=parts.get("lease_until_ms"),
+            dead_letters=parts.get("dead_letters", 0),
+            evicted=parts.get("evicted", 0),
+            sender_pid=sender[0],
+            last_attempt_ms=sender[1],
+            last_success_ms=sender[2],
+            last_error=sender[3],
+            last_error_ms=sender[4],
+        )
+
+
+def _dead_letter_filters(
+    ids: Optional[Sequence[int]], key_fp: Optional[str]
+) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """WHERE clauses that select the given dead letters (in chunks SQLite can take)."""
+    key_clause, key_params = (" AND key_fp = ?", (key_fp,)) if key_fp else ("", ())
+    if ids is None:
+        yield (f"WHERE 1{key_clause}", key_params)
+        return
+    ids = list(ids)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        yield (f"WHERE id IN ({marks}){key_clause}", (*chunk, *key_params))
 
 
 @dataclass(frozen=True)
@@ -185,7 +253,10 @@ class Outbox:
         max_dead_letters: int = 1000,
         autocheckpoint: bool = False,
         report: Optional[Callable[[str], None]] = None,
+        inspect_only: bool = False,
     ) -> None:
+        """``inspect_only``: for looking at a file from outside: never create one, never
+        make an outbox of a file that is not one, never move a corrupt one aside."""
         self.path = path
         self.key_fp = key_fp
         self._fsync = fsync
@@ -193,6 +264,7 @@ class Outbox:
         self._max_dead_letters = max_dead_letters
         self._autocheckpoint = autocheckpoint
         self._report = report
+        self._inspect_only = inspect_only
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = 0
         self._inode = 0
@@ -221,7 +293,7 @@ class Outbox:
         try:
             conn = self._open()
         except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc):
+            if not _is_corrupt(exc) or self._inspect_only:
                 raise
             self._move_aside(str(exc))
             conn = self._open()
@@ -231,14 +303,20 @@ class Outbox:
     def _open(self) -> sqlite3.Connection:
         if sqlite3.sqlite_version_info < (3, 24, 0):  # UPSERT, used by the schema
             raise StoreError(f"SQLite {sqlite3.sqlite_version} is too old: 3.24 or newer needed")
-        _create_private_file(self.path)
+        if self._inspect_only:
+            if not os.path.isfile(self.path):
+                raise FileNotFoundError(f"no outbox at {self.path}")
+        else:
+            _create_private_file(self.path)
         # timeout=0: SQLite's own busy handler sleeps up to 100 ms a step; ours retries sooner.
         conn = sqlite3.connect(
             self.path, timeout=0, isolation_level=None, check_same_thread=False
         )
         self._inode = os.stat(self.path).st_ino
         try:
-            self._retry_busy(lambda: self._check_version(conn))
+            version = self._retry_busy(lambda: self._check_version(conn))
+            if version == 0 and self._inspect_only:
+                raise StoreError(f"{self.path} is not a whisperr_durable outbox")
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
             conn.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
             pages = 1000 if self._autocheckpoint else _CALLER_AUTOCHECKPOINT_PAGES
@@ -341,7 +419,7 @@ class Outbox:
             raise self._store_error(exc) from exc
 
     def _store_error(self, exc: BaseException) -> StoreError:
-        if _is_corrupt(exc) and self._conn is not None:
+        if _is_corrupt(exc) and self._conn is not None and not self._inspect_only:
             # Found corrupt in use: set it aside so that the next call starts afresh.
             self.close()
             try:
@@ -571,15 +649,107 @@ class Outbox:
         )
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return self.all_dead_letters(limit, self.key_fp)
+
+    def record_sender(
+        self, pid: int, attempt_ms: int, success_ms: Optional[int], error: Optional[str]
+    ) -> None:
+        """Note what this key's delivery cycle came to, for operators."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO sender_state (key_fp, pid, last_attempt_ms, last_success_ms, "
+                "last_error, last_error_ms) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (key_fp) DO UPDATE SET pid = excluded.pid, "
+                "last_attempt_ms = excluded.last_attempt_ms, "
+                "last_success_ms = coalesce(excluded.last_success_ms, last_success_ms), "
+                "last_error = coalesce(excluded.last_error, last_error), "
+                "last_error_ms = coalesce(excluded.last_error_ms, last_error_ms)",
+                (self.key_fp, pid, attempt_ms, success_ms, error, attempt_ms if error else None),
+            )
+
+    # ---- the whole file, for operators (``key_fp=None``: every key) ----
+
+    def key_reports(self, key_fp: Optional[str], now_ms: int) -> list[KeyReport]:
+        where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
+        reports: dict[str, dict[str, Any]] = {}
+
+        def report(fp: str) -> dict[str, Any]:
+            return reports.setdefault(fp, {"key_fp": fp})
+
+        for fp, kind, count, oldest in self._read(
+            f"SELECT key_fp, kind, count(*), min(created_ms) FROM ops {where} "
+            "GROUP BY key_fp, kind",
+            params,
+        ):
+            r = report(fp)
+            r["identifies" if kind == IDENTIFY else "tracks"] = count
+            r["oldest_ms"] = min(oldest, r.get("oldest_ms", oldest))
+        leased_where = f"{where} {'AND' if where else 'WHERE'} lease_owner IS NOT NULL AND "
+        for fp, count, owner, until in self._read(
+            f"SELECT key_fp, count(*), max(lease_owner), max(lease_until_ms) FROM ops "
+            f"{leased_where} lease_until_ms > ? GROUP BY key_fp",
+            (*params, now_ms),
+        ):
+            report(fp).update(leased=count, lease_owner=owner, lease_until_ms=until)
+        for fp, count in self._read(
+            f"SELECT key_fp, count(*) FROM dead_letters {where} GROUP BY key_fp", params
+        ):
+            report(fp)["dead_letters"] = count
+        for fp, count in self._read(
+            f"SELECT key_fp, n FROM counters {where} "
+            f"{'AND' if where else 'WHERE'} name = 'evicted'",
+            params,
+        ):
+            report(fp)["evicted"] = count
+        for fp, *state in self._read(
+            "SELECT key_fp, pid, last_attempt_ms, last_success_ms, last_error, last_error_ms "
+            f"FROM sender_state {where}",
+            params,
+        ):
+            report(fp)["sender"] = tuple(state)
+        return [KeyReport.from_parts(r) for _, r in sorted(reports.items())]
+
+    def queued(self, limit: int, key_fp: Optional[str]) -> list[Any]:
+        """``(id, key_fp, kind, body, created_ms, attempts)`` of the next ops, in id order."""
+        where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
+        return self._read(
+            f"SELECT id, key_fp, kind, body, created_ms, attempts FROM ops {where} "
+            "ORDER BY id LIMIT ?",
+            (*params, limit),
+        )
+
+    def all_dead_letters(self, limit: Optional[int], key_fp: Optional[str]) -> list[DeadLetter]:
+        where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
         rows = self._read(
-            "SELECT id, op_id, kind, body, created_ms, failed_ms, attempts, status, reason "
-            "FROM dead_letters WHERE key_fp = ? ORDER BY id LIMIT ?",
-            (self.key_fp, limit),
+            "SELECT id, op_id, kind, body, created_ms, failed_ms, attempts, status, reason, "
+            f"key_fp FROM dead_letters {where} ORDER BY id LIMIT ?",
+            (*params, -1 if limit is None else limit),
         )
         return [
             DeadLetter(r[0], r[1], "identify" if r[2] == IDENTIFY else "track", *r[3:])
             for r in rows
         ]
+
+    def requeue(self, ids: Optional[Sequence[int]], key_fp: Optional[str]) -> int:
+        """Put dead letters back at the end of their key's queue, bodies (and ids) unchanged."""
+        with self._write() as conn:
+            moved = 0
+            for where, params in _dead_letter_filters(ids, key_fp):
+                conn.execute(
+                    "INSERT INTO ops (key_fp, kind, body, created_ms) "
+                    f"SELECT key_fp, kind, body, created_ms FROM dead_letters {where} ORDER BY id",
+                    params,
+                )
+                moved += conn.execute(f"DELETE FROM dead_letters {where}", params).rowcount
+            return moved
+
+    def purge(self, ids: Optional[Sequence[int]], key_fp: Optional[str]) -> int:
+        """Delete dead letters for good."""
+        with self._write() as conn:
+            return sum(
+                conn.execute(f"DELETE FROM dead_letters {where}", params).rowcount
+                for where, params in _dead_letter_filters(ids, key_fp)
+            )
 
     def checkpoint(self, *, truncate: bool = False) -> None:
         """Copy the WAL back into the database file (TRUNCATE also empties the WAL file)."""

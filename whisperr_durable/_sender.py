@@ -107,6 +107,8 @@ class Sender:
         self._waiters = 0
         self._store_error_logged = ""
         self._store_error_quiet_until = 0.0
+        # Per request of the current cycle: None for a success, else what went wrong.
+        self._noted: list[Optional[str]] = []
 
     def after_fork(self) -> None:
         self._lock.after_fork_in_child()
@@ -267,12 +269,28 @@ class Sender:
         lead = self._lock.try_acquire()
         if lead is False:
             return  # another process is sending this key's ops; a flush waiter polls
+        self._noted = []
         try:
             # Holding the lock, any lease we find is a dead sender's: take its rows at once.
             self._drain(outbox, lead is True, deadline)
         finally:
-            if lead:
-                self._lock.release()
+            try:
+                self._record(outbox)
+            finally:
+                if lead:
+                    self._lock.release()
+
+    def _record(self, outbox: Outbox) -> None:
+        """Leave what this cycle came to in the file, for ``whisperr-durable status``."""
+        if not self._noted:
+            return
+        now_ms = utc_now_ms()
+        success_ms = now_ms if None in self._noted else None
+        error = next((e for e in reversed(self._noted) if e is not None), None)
+        try:
+            outbox.record_sender(os.getpid(), now_ms, success_ms, error)
+        except StoreError:
+            log.debug("could not record the sender's state", exc_info=True)
 
     def _drain(self, outbox: Outbox, take_over: bool, deadline: Optional[float]) -> None:
         """Send from the head until the queue is empty, backed off, blocked, or out of time."""
@@ -361,6 +379,7 @@ class Sender:
             ):
                 return None  # the rows were evicted or taken over: nothing left to send
             outcome = self._post(part, deadline)
+            self._noted.append(None if outcome.kind == _retry.OK else outcome.detail)
             if outcome.kind == _retry.OK:
                 outbox.ack(first, last)
                 log.debug("delivered %d op(s)", len(part))

@@ -1,0 +1,190 @@
+"""OutboxFile: looking into an outbox file from outside a client."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from conftest import API_KEY
+
+from whisperr_durable import DurableWhisperr, OutboxFile, StoreError
+from whisperr_durable._client import key_fingerprint
+from whisperr_durable._outbox import _SCHEMA_V1, SCHEMA_VERSION
+from whisperr_durable.devserver import DevServer
+
+MakeClient = Callable[..., DurableWhisperr]
+
+
+@pytest.fixture
+def make_client(server: DevServer, db_path: str) -> Iterator[MakeClient]:
+    clients: list[DurableWhisperr] = []
+
+    def make(api_key: str = API_KEY, **options: Any) -> DurableWhisperr:
+        options.setdefault("path", db_path)
+        options.setdefault("base_url", server.url)
+        options.setdefault("flush_at", 100_000)
+        options.setdefault("flush_interval", 3600.0)
+        options.setdefault("max_retries", 0)
+        client = DurableWhisperr(api_key, **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.shutdown(timeout=0.5)
+
+
+def test_status_counts_what_each_key_holds(
+    make_client: MakeClient, server: DevServer, db_path: str
+) -> None:
+    client = make_client()
+    client.track("u1", "gets_refused")
+    server.push_script(400)
+    assert client.flush(timeout=5).ok  # dead-lettered
+    client.shutdown(timeout=5)  # its sender's cycle, and its record of it, are over
+    client = make_client()  # sends nothing before a flush
+    client.track("u1", "payment_failed", {"i": 1})
+    client.identify("u1", traits={"plan": "pro"})
+    make_client("wrk_other_key").track("u2", "trial_started")
+
+    with OutboxFile(db_path) as outbox:
+        status = outbox.status()
+    assert status.schema_version == SCHEMA_VERSION
+    assert status.file_bytes >= os.path.getsize(db_path) > 0
+    by_key = {k.key_fingerprint: k for k in status.keys}
+    mine = by_key[key_fingerprint(API_KEY)]
+    assert (mine.pending_tracks, mine.pending_identifies, mine.dead_letters) == (1, 1, 1)
+    assert mine.pending == 2
+    assert mine.sender_pid == os.getpid()
+    assert mine.last_error == "HTTP 400" and mine.last_error_ms is not None
+    assert mine.leased == 0 and not mine.sender_active
+    theirs = by_key[key_fingerprint("wrk_other_key")]
+    assert (theirs.pending, theirs.dead_letters, theirs.sender_pid) == (1, 0, None)
+
+    with OutboxFile(db_path, api_key=API_KEY) as outbox:
+        assert [k.key_fingerprint for k in outbox.status().keys] == [key_fingerprint(API_KEY)]
+
+
+def test_status_shows_a_batch_in_flight_and_the_process_holding_it(
+    make_client: MakeClient, db_path: str
+) -> None:
+    client = make_client()
+    client.track("u1", "in_flight")
+    owner = "4242-abcdef"
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE ops SET lease_owner = ?, lease_until_ms = ?", (owner, 2**62))
+    with OutboxFile(db_path) as outbox:
+        (key,) = outbox.status().keys
+    assert (key.leased, key.lease_owner_pid, key.lease_until_ms) == (1, 4242, 2**62)
+
+
+def test_peek_lists_the_next_ops_in_delivery_order(make_client: MakeClient, db_path: str) -> None:
+    client = make_client()
+    client.track("u1", "first", {"i": 1})
+    client.identify("u1", email="ada@example.com")
+    client.track("u1", "third", {"i": 3})
+    make_client("wrk_other_key").track("u2", "someone_else")
+    with OutboxFile(db_path, api_key=API_KEY) as outbox:
+        ops = outbox.peek(10)
+        assert [op.kind for op in ops] == ["track", "identify", "track"]
+        assert [op.body.get("event_type") for op in ops] == ["first", None, "third"]
+        assert ops[1].body["channels"][0]["address"] == "ada@example.com"
+        assert [op.id for op in ops] == sorted(op.id for op in ops)
+        assert len(outbox.peek(2)) == 2
+    with OutboxFile(db_path) as outbox:
+        assert len(outbox.peek(10)) == 4
+
+
+def test_requeue_sends_a_dead_letter_again_with_its_message_id(
+    make_client: MakeClient, server: DevServer, db_path: str
+) -> None:
+    client = make_client()
+    client.track("u1", "refused_then_fixed", {"i": 1})
+    server.push_script(422)
+    assert client.flush(timeout=5).ok
+    with OutboxFile(db_path, api_key=API_KEY) as outbox:
+        (dead,) = outbox.dead_letters()
+        assert dead.status == 422 and dead.kind == "track"
+        first_id = json.loads(dead.body)["context"]["$message_id"]
+        assert outbox.requeue([dead.id]) == 1
+        assert outbox.dead_letters() == []
+        assert outbox.requeue() == 0
+    assert client.flush(timeout=5).ok
+    (event,) = server.events
+    assert event["context"]["$message_id"] == first_id
+
+
+def test_purge_deletes_dead_letters_by_id_or_all(
+    make_client: MakeClient, server: DevServer, db_path: str
+) -> None:
+    client = make_client()
+    for i in range(3):
+        client.track("u1", "refused", {"i": i})
+    server.push_script(400, 400, 400, 400, 400, 400)  # the batch, then each half, then each
+    assert client.flush(timeout=5).ok
+    with OutboxFile(db_path) as outbox:
+        dead = outbox.dead_letters()
+        assert len(dead) == 3
+        assert outbox.purge([dead[0].id]) == 1
+        assert [d.id for d in outbox.dead_letters()] == [d.id for d in dead[1:]]
+        assert outbox.purge() == 2
+        assert outbox.dead_letters() == []
+
+
+def test_a_missing_file_is_never_created(tmp_path: Path) -> None:
+    path = tmp_path / "nothing-here.db"
+    with pytest.raises(FileNotFoundError):
+        OutboxFile(str(path))
+    assert not path.exists()
+
+
+def test_a_file_that_is_not_an_outbox_is_reported_and_left_alone(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not sqlite at all" * 100)
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE notes (text)")
+    before = {p: p.read_bytes() for p in (garbage, foreign)}
+    for path in (garbage, foreign):
+        with pytest.raises(StoreError):
+            OutboxFile(str(path))
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.db", "garbage.db"]
+
+
+def test_a_version_1_file_is_migrated_and_keeps_its_rows(db_path: str) -> None:
+    with sqlite3.connect(db_path, isolation_level=None) as conn:
+        for statement in _SCHEMA_V1:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, 0, ?, ?)",
+            (
+                key_fingerprint(API_KEY),
+                json.dumps(
+                    {
+                        "external_user_id": "u1",
+                        "event_type": "from_version_1",
+                        "occurred_at": "2026-11-26T00:00:00.000Z",
+                        "properties": {},
+                        "context": {"$message_id": "v1-message"},
+                    }
+                ),
+                1,
+            ),
+        )
+        conn.execute("PRAGMA user_version = 1")
+    client = DurableWhisperr(API_KEY, path=db_path)
+    try:
+        stats = client.stats()
+        assert stats.schema_version == SCHEMA_VERSION == 2
+        assert stats.pending == 1
+    finally:
+        client.shutdown(timeout=0)
+    with sqlite3.connect(db_path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert "sender_state" in tables
