@@ -151,6 +151,8 @@ class DurableWhisperr:
         )
         self._since_wake = 0
         self._store_errors = 0
+        self._evicted_unlogged = 0
+        self._eviction_quiet_until = 0.0
         # Ops that could not be stored (disk full, read-only, locked), oldest first; written
         # before any newer op as soon as the outbox takes writes again.
         self._overflow: deque[tuple[int, str, int]] = deque()
@@ -338,12 +340,25 @@ class DurableWhisperr:
                 )
             )
         if evicted:
-            log.warning("whisperr_durable: queue full, evicted %d oldest op(s)", evicted)
+            self._note_eviction(evicted)
             self._emit(WhisperrError("dropped", f"queue full: evicted {evicted} oldest op(s)"))
         if not self._closed:
             self._sender.start()
             if wake:
                 self._sender.wake()
+
+    def _note_eviction(self, evicted: int) -> None:
+        # A full queue evicts on every call: warn once a minute, with the count since.
+        self._evicted_unlogged += evicted
+        now = time.monotonic()
+        if now >= self._eviction_quiet_until:
+            log.warning(
+                "whisperr_durable: queue full (max_queue_size=%d): evicted %d oldest op(s)",
+                self._options.max_queue_size,
+                self._evicted_unlogged,
+            )
+            self._evicted_unlogged = 0
+            self._eviction_quiet_until = now + 60.0
 
     def _store_overflow_locked(self) -> int:
         """Write the ops held in memory, oldest first, in one transaction (raises StoreError)."""
