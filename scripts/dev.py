@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     ensure_venv()
     job, rest = argv[0], argv[1:]
     if job == "demo":
-        return _run(str(PY), "-m", "whisperr_durable.demo", *rest)
+        return _run(str(PY), "-m", "whisperr_durable", "demo", *rest)
     for step in (
         [str(PY), "-m", "ruff", "check", "."],
         [str(PY), "-m", "mypy"],

@@ -148,6 +148,7 @@ class DurableWhisperr:
             SenderLock(lock_path(self._options.path, fingerprint)),
             self._emit,
             on_wake=self._store_overflow,
+            report_store=self._report_store_incident,
         )
         self._since_wake = 0
         self._store_errors = 0
@@ -237,8 +238,8 @@ class DurableWhisperr:
         (key rejected, retries exhausted), or after ``timeout`` seconds (``None``: no limit).
         The result tells how many of them are still pending and why.
         """
-        if self._disabled:
-            return FlushResult()
+        if self._disabled or not (self._overflow or os.path.exists(self._options.path)):
+            return FlushResult()  # nothing was ever stored: do not create the file for this
         try:
             with self._lock:
                 if self._overflow:

@@ -94,6 +94,7 @@ _CORRUPT = ("file is not a database", "database disk image is malformed")
 # Callers never checkpoint in the normal run of things (the sender does, off their
 # thread); this bound only stops the WAL growing without end if the sender cannot.
 _CALLER_AUTOCHECKPOINT_PAGES = 10_000
+_WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 # Connections left behind by fork, or to a file since moved aside. Closing one could
 # checkpoint into or delete a WAL that is not its own, and garbage collection would close
@@ -265,6 +266,7 @@ class Outbox:
         self._autocheckpoint = autocheckpoint
         self._report = report
         self._inspect_only = inspect_only
+        self._version = 0
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = 0
         self._inode = 0
@@ -315,13 +317,20 @@ class Outbox:
         self._inode = os.stat(self.path).st_ino
         try:
             version = self._retry_busy(lambda: self._check_version(conn))
-            if version == 0 and self._inspect_only:
-                raise StoreError(f"{self.path} is not a whisperr_durable outbox")
+            if self._inspect_only:
+                # Looked at, not managed: an older file keeps its version for older SDKs.
+                if version == 0:
+                    raise StoreError(f"{self.path} is not a whisperr_durable outbox")
+                self._version = version
+                return conn
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
             conn.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
             pages = 1000 if self._autocheckpoint else _CALLER_AUTOCHECKPOINT_PAGES
             conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
+            # A WAL file that grew during a burst is cut back to this after a checkpoint.
+            conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             self._migrate(conn)
+            self._version = SCHEMA_VERSION
         except BaseException:
             conn.close()
             raise
@@ -701,11 +710,16 @@ class Outbox:
             params,
         ):
             report(fp)["evicted"] = count
-        for fp, *state in self._read(
-            "SELECT key_fp, pid, last_attempt_ms, last_success_ms, last_error, last_error_ms "
-            f"FROM sender_state {where}",
-            params,
-        ):
+        senders = (
+            self._read(
+                "SELECT key_fp, pid, last_attempt_ms, last_success_ms, last_error, "
+                f"last_error_ms FROM sender_state {where}",
+                params,
+            )
+            if self._version >= 2  # a version 1 file has no record of its senders
+            else []
+        )
+        for fp, *state in senders:
             report(fp)["sender"] = tuple(state)
         return [KeyReport.from_parts(r) for _, r in sorted(reports.items())]
 

@@ -80,6 +80,7 @@ class Sender:
         lock: SenderLock,
         report: Callable[[WhisperrError], None],
         on_wake: Callable[[], None] = lambda: None,
+        report_store: Optional[Callable[[str], None]] = None,
     ) -> None:
         self._options = options
         self._key_fp = key_fp
@@ -88,6 +89,7 @@ class Sender:
         self._lock = lock
         self._report = report
         self._on_wake = on_wake
+        self._report_store = report_store
         self._reset()
 
     def _reset(self) -> None:
@@ -138,6 +140,9 @@ class Sender:
 
     def flush(self, pending: Callable[[], int], timeout: Optional[float]) -> FlushResult:
         """Wait until ``pending()`` is 0, delivery is blocked, or ``timeout`` passes."""
+        if timeout is not None and timeout <= 0:  # only asks how things stand
+            left = pending()
+            return FlushResult(left, "timeout" if left else None)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             # An explicit flush tries now, with a fresh retry budget, unless the server
@@ -215,6 +220,7 @@ class Sender:
             store_timeout=self._options.store_timeout,
             max_dead_letters=self._options.max_dead_letters,
             autocheckpoint=True,
+            report=self._report_store,
         )
 
     def _run(self) -> None:

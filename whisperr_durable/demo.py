@@ -1,10 +1,10 @@
-"""A demonstration of what the outbox survives: ``python -m whisperr_durable.demo``.
+"""A demonstration of what the outbox survives: ``whisperr-durable demo``.
 
 1. A local Whisperr-compatible server starts; it fails a share of the requests it gets.
 2. A producer process tracks events into an outbox file in a temporary directory and is
    killed with SIGKILL, with no chance to flush, while part of its events are unsent.
-3. What it left on disk is shown.
-4. A new process opens the same file and delivers the rest.
+3. What it left on disk is shown by the operator's command, ``whisperr-durable status``.
+4. ``whisperr-durable flush``, a new process on the same file, delivers the rest.
 5. The verdict: every event tracked reached the server once; duplicates that a retry
    after a lost answer could cause are suppressed by ``$message_id``.
 """
@@ -17,10 +17,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from typing import Optional
 
-from . import DurableWhisperr
+from ._client import DurableWhisperr
 from .devserver import DevServer
 
 DEMO_KEY = "wrk_demo"
@@ -48,6 +47,24 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+def _run_cli(*args: str, env: Optional[dict[str, str]] = None) -> int:
+    """Run ``python -m whisperr_durable ARGS`` as its own process; show its output indented.
+
+    Its stderr is left on the terminal, so that ``flush`` can draw its progress bar there.
+    """
+    prefix = "".join(f"{name}={value} " for name, value in (env or {}).items())
+    _say(f"   $ {prefix}whisperr-durable {' '.join(args)}")
+    done = subprocess.run(
+        [sys.executable, "-m", "whisperr_durable", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    for line in done.stdout.splitlines():
+        _say(f"   | {line}".rstrip())
+    return done.returncode
+
+
 def run(count: int, failure_rate: float, keep: Optional[str]) -> int:
     workdir = keep or tempfile.mkdtemp(prefix="whisperr-demo-")
     path = os.path.join(workdir, "outbox.db")
@@ -72,39 +89,55 @@ def run(count: int, failure_rate: float, keep: Optional[str]) -> int:
         producer.send_signal(signal.SIGKILL)
         producer.wait()
         at_kill = len(server.events)
-        _say(f"   every track() returned; SIGKILL after the server had {at_kill} of them")
+        _say(
+            f"   every track() returned, so all {count} are on disk; SIGKILL (no flush, no "
+            f"exit handler) after the server had {at_kill}"
+        )
 
-        probe = DurableWhisperr(DEMO_KEY, path=path, base_url=server.url)
-        stats = probe.stats()
-        _say(f"3. on disk after the kill: {stats.pending} events still queued")
-        probe.shutdown(0)
+        _say("3. what the killed process left on disk, seen by the operator's status command:")
+        _run_cli("status", "--path", path)
 
-        _say("4. a new process opens the same file and delivers what is left")
         server.failure_rate = failure_rate / 2
-        started = time.monotonic()
-        client = DurableWhisperr(DEMO_KEY, path=path, base_url=server.url, max_retries=20)
-        result = client.flush(timeout=60)
-        client.shutdown(1)
-        took = time.monotonic() - started
+        failing = f" (the server now fails {server.failure_rate:.0%}: it retries)"
+        _say(
+            "4. a new process, the operator's flush, takes over the dead sender's batch at once "
+            f"and delivers the rest{failing if server.failure_rate else ''}"
+        )
+        code = _run_cli(
+            "flush",
+            "--path",
+            path,
+            "--base-url",
+            server.url,
+            "--timeout",
+            "60",
+            "--max-retries",
+            "10",
+            # The key travels in the environment, where ps does not show it.
+            env={"WHISPERR_API_KEY": DEMO_KEY},
+        )
 
         received = {event["properties"]["i"] for event in server.events}
         lost = count - len(received & set(range(count)))
-        _say(f"   done in {took:.1f} s: {result.pending} still pending")
-        _say("5. verdict:")
-        _say(f"   tracked                      {count}")
-        _say(f"   delivered (unique)           {len(received)}")
-        _say(f"   lost                         {lost}")
-        _say(f"   duplicates suppressed by $message_id: {server.duplicates}")
+        _say(f"5. verdict (the flush exited with {code}):")
+        rows = [
+            ("tracked", count),
+            ("delivered (unique)", len(received)),
+            ("lost", lost),
+            ("duplicates suppressed by $message_id", server.duplicates),
+        ]
+        for label, value in rows:
+            _say(f"   {label:<38}{value}")
     if not keep:
         for name in os.listdir(workdir):
             os.unlink(os.path.join(workdir, name))
         os.rmdir(workdir)
-    return 0 if lost == 0 else 1
+    return 0 if lost == 0 and code == 0 else 1
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: str = "python -m whisperr_durable.demo") -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m whisperr_durable.demo",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
