@@ -780,3 +780,34 @@ def test_an_op_that_cannot_be_stored_is_held_and_stored_first_when_the_file_reco
     assert client.stats().pending == 4
     assert client.flush(timeout=5).ok
     assert [e["properties"]["i"] for e in server.events] == [0, 1, 2, 3]
+
+
+def test_track_many_stores_everything_in_order_and_skips_invalid_items(
+    make_client: MakeClient, server: DevServer
+) -> None:
+    errors: list[WhisperrError] = []
+    client = make_client(on_error=errors.append)
+    items: list[Any] = [("u1", "bulk_event", {"i": i}) for i in range(2500)]
+    items[10] = ("u1", "Not Valid", {"i": 10})
+    items[20] = ("", "bulk_event", {"i": 20})
+    items[30] = ("u1",)
+    items.append({"external_user_id": "u2", "event_type": "from_a_dict", "properties": {"i": -1}})
+    items.append(("u3", "with_context", {"i": -2}, {"$mode": "test"}))
+    assert client.track_many(iter(items)) == 2500 - 3 + 2
+    assert [e.type for e in errors] == ["dropped"] * 3
+    assert client.stats().pending == 2499
+    assert client.flush(timeout=10).ok
+    got = [e["properties"]["i"] for e in server.events]
+    expected = [i for i in range(2500) if i not in (10, 20, 30)] + [-1, -2]
+    assert got == expected
+    assert len({e["context"]["$message_id"] for e in server.events}) == len(expected)
+    last = server.events[-1]
+    assert last["context"]["$mode"] == "test" and last["context"]["sdk_name"]
+    assert last["occurred_at"].endswith("Z")
+
+
+def test_track_many_in_strict_mode_raises_for_an_invalid_item(make_client: MakeClient) -> None:
+    client = make_client(strict=True)
+    with pytest.raises(ValueError):
+        client.track_many([("u1", "fine"), ("u1", "Not Fine")])
+    assert client.stats().pending == 0  # the chunk never reached the outbox

@@ -11,10 +11,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ._errors import WhisperrError
 from ._options import (
@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("whisperr_durable")
 
 OnError = Callable[[WhisperrError], None]
+
+_TRACK_FIELDS = ("external_user_id", "event_type", "properties", "context")
+# Ops per transaction in track_many(): large enough to make a commit's cost negligible.
+_BULK_CHUNK = 1_000
 
 
 def key_fingerprint(api_key: str) -> str:
@@ -201,7 +205,7 @@ class DurableWhisperr:
         except Exception as exc:  # a caller's object can fail in any way while encoded
             self._invalid("track", exc)
             return
-        self._append(TRACK, body, now_ms)
+        self._append([(TRACK, body, now_ms)])
 
     def identify(
         self,
@@ -229,7 +233,52 @@ class DurableWhisperr:
         except Exception as exc:
             self._invalid("identify", exc)
             return
-        self._append(IDENTIFY, body, self._clock_ms())
+        self._append([(IDENTIFY, body, self._clock_ms())])
+
+    def track_many(self, events: Iterable[Union[Sequence[Any], Mapping[str, Any]]]) -> int:
+        """Record many events at a fraction of the cost of one ``track()`` each: the bulk path.
+
+        Each item is ``(external_user_id, event_type[, properties[, context]])`` or a dict
+        with those keys. Events are encoded as ``track()`` would, and stored up to
+        1,000 to a transaction; invalid items are skipped and reported as for ``track()``.
+        Returns how many were stored; when it returns, they are all committed.
+        """
+        if self._disabled:
+            return 0
+        stored = 0
+        chunk: list[tuple[int, str, int]] = []
+        for item in events:
+            now_ms = self._clock_ms()
+            try:
+                if isinstance(item, Mapping):
+                    args: list[Any] = [item.get(k) for k in _TRACK_FIELDS]
+                else:
+                    if not 2 <= len(item) <= 4:
+                        raise InvalidOp(
+                            "an item needs a user id, an event type and at most "
+                            "properties and context"
+                        )
+                    args = [*item, None, None][:4]
+                user, event_type, properties, context = args
+                body = encode_track(
+                    self._environment,
+                    user,
+                    event_type,
+                    properties,
+                    context,
+                    message_id(),
+                    now_ms,
+                )
+            except Exception as exc:
+                self._invalid("track_many", exc)
+                continue
+            chunk.append((TRACK, body, now_ms))
+            if len(chunk) >= _BULK_CHUNK:
+                stored += self._append(chunk)
+                chunk = []
+        if chunk:
+            stored += self._append(chunk)
+        return stored
 
     def flush(self, timeout: Optional[float] = None) -> FlushResult:
         """Deliver everything enqueued before this call, and wait for it.
@@ -298,29 +347,32 @@ class DurableWhisperr:
 
     # ---- internals ----
 
-    def _append(self, kind: int, body: str, created_ms: int) -> None:
+    def _append(self, ops: list[tuple[int, str, int]]) -> int:
+        """Store ``(kind, body, created_ms)`` ops in one transaction; returns how many."""
         error: Optional[str] = None
-        evicted = lost = 0
+        stored = evicted = lost = 0
         wake = False
         with self._lock:
+            held = bool(self._overflow)
             try:
-                if self._overflow:
-                    self._overflow.append((kind, body, created_ms))
+                if held:  # older ops wait in memory: they go first
+                    self._overflow.extend(ops)
                     evicted = self._store_overflow_locked()
+                elif len(ops) == 1:
+                    _, evicted = self._outbox.append(*ops[0], self._options.max_queue_size)
                 else:
-                    _, evicted = self._outbox.append(
-                        kind, body, created_ms, self._options.max_queue_size
-                    )
+                    evicted = self._outbox.append_many(ops, self._options.max_queue_size)
             except StoreError as exc:
-                self._store_errors += 1
-                if not self._overflow:  # the first failure of an episode is reported
+                self._store_errors += len(ops)
+                if not held:  # the first failure of an episode is reported
                     error = str(exc)
-                    self._overflow.append((kind, body, created_ms))
-                if len(self._overflow) > MAX_OVERFLOW:
+                    self._overflow.extend(ops)
+                while len(self._overflow) > MAX_OVERFLOW:
                     self._overflow.popleft()
-                    lost = 1
+                    lost += 1
             else:
-                self._since_wake += 1
+                stored = len(ops)
+                self._since_wake += stored
                 wake = self._since_wake >= self._options.flush_at
                 if wake:
                     self._since_wake = 0
@@ -337,7 +389,7 @@ class DurableWhisperr:
                 WhisperrError(
                     "dropped",
                     "the outbox cannot be written and the memory buffer "
-                    "is full: dropped the oldest op",
+                    f"is full: dropped the {lost} oldest op(s)",
                 )
             )
         if evicted:
@@ -347,6 +399,7 @@ class DurableWhisperr:
             self._sender.start()
             if wake:
                 self._sender.wake()
+        return stored
 
     def _note_eviction(self, evicted: int) -> None:
         # A full queue evicts on every call: warn once a minute, with the count since.

@@ -7,6 +7,7 @@ wire JSON and a batch body is built by joining stored strings.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -44,7 +45,13 @@ def message_id() -> str:
 def format_timestamp(epoch_ms: int) -> str:
     """RFC 3339 UTC with exactly three fraction digits and ``Z``."""
     seconds, millis = divmod(epoch_ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return f"{_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(seconds: int) -> str:
+    # Calls come many to a second: format each second once.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def _json_default(value: Any) -> Any:
@@ -72,9 +79,14 @@ def _floor_ms(value: datetime) -> int:
     return int(whole.timestamp()) * 1000 + value.microsecond // 1000
 
 
+# One encoder for every op: json.dumps() with options builds a new one per call. Its output
+# is json.dumps()'s own (the same separators and ASCII escaping).
+_ENCODER = json.JSONEncoder(allow_nan=False, default=_json_default)
+
+
 def _dumps(obj: Any) -> str:
     try:
-        text = json.dumps(obj, allow_nan=False, default=_json_default)
+        text = _ENCODER.encode(obj)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
         raise InvalidOp(f"not JSON serialisable: {exc}") from None
     if len(text) > MAX_OP_BYTES:
