@@ -5,13 +5,16 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
+from whisperr_durable import DurableWhisperr
 from whisperr_durable.devserver import DevServer
 
 API_KEY = "wrk_test_key"
+
+MakeClient = Callable[..., DurableWhisperr]
 
 
 @pytest.fixture
@@ -24,6 +27,25 @@ def server() -> Iterator[DevServer]:
     """A real Whisperr-compatible server on 127.0.0.1, on a free port."""
     with DevServer(api_key=API_KEY) as srv:
         yield srv
+
+
+@pytest.fixture
+def make_client(server: DevServer, db_path: str) -> Iterator[MakeClient]:
+    """Clients on the test's outbox and server; nothing is sent before a flush unless asked."""
+    clients: list[DurableWhisperr] = []
+
+    def make(api_key: str = API_KEY, **options: Any) -> DurableWhisperr:
+        options.setdefault("path", db_path)
+        options.setdefault("base_url", server.url)
+        options.setdefault("flush_at", 100_000)
+        options.setdefault("flush_interval", 3600.0)
+        client = DurableWhisperr(api_key, **options)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.shutdown(timeout=0.5)
 
 
 class _ErrorRecords(logging.Handler):

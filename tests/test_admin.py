@@ -5,38 +5,15 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, MakeClient
 
 from whisperr_durable import DurableWhisperr, OutboxFile, StoreError
 from whisperr_durable._client import key_fingerprint
 from whisperr_durable._outbox import _SCHEMA_V1, SCHEMA_VERSION
 from whisperr_durable.devserver import DevServer
-
-MakeClient = Callable[..., DurableWhisperr]
-
-
-@pytest.fixture
-def make_client(server: DevServer, db_path: str) -> Iterator[MakeClient]:
-    clients: list[DurableWhisperr] = []
-
-    def make(api_key: str = API_KEY, **options: Any) -> DurableWhisperr:
-        options.setdefault("path", db_path)
-        options.setdefault("base_url", server.url)
-        options.setdefault("flush_at", 100_000)
-        options.setdefault("flush_interval", 3600.0)
-        options.setdefault("max_retries", 0)
-        client = DurableWhisperr(api_key, **options)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.shutdown(timeout=0.5)
 
 
 def test_status_counts_what_each_key_holds(

@@ -14,13 +14,12 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, MakeClient
 
 import whisperr_durable
 from whisperr_durable import (
@@ -38,26 +37,6 @@ OTHER_KEY = "wrk_other_key"
 DAY_MS = 24 * 3600 * 1000
 ROOT = Path(__file__).resolve().parent.parent
 
-MakeClient = Callable[..., DurableWhisperr]
-
-
-@pytest.fixture
-def make_client(server: DevServer, db_path: str) -> Iterator[MakeClient]:
-    """Clients on the test's outbox and server; nothing is sent before a flush unless asked."""
-    clients: list[DurableWhisperr] = []
-
-    def make(api_key: str = API_KEY, **options: Any) -> DurableWhisperr:
-        options.setdefault("path", db_path)
-        options.setdefault("base_url", server.url)
-        options.setdefault("flush_at", 100_000)
-        options.setdefault("flush_interval", 3600.0)
-        client = DurableWhisperr(api_key, **options)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.shutdown(timeout=0.5)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, MakeClient
 
 from whisperr_durable import DurableWhisperr, WhisperrError, _client, _options, _retry
 from whisperr_durable._client import key_fingerprint
@@ -42,26 +42,6 @@ DAY_MS = 24 * 3600 * 1000
 # SQLite's default max_page_count here; anything this large means "no limit" for our files.
 NO_PAGE_LIMIT = 1_073_741_823
 
-MakeClient = Callable[..., DurableWhisperr]
-
-
-@pytest.fixture
-def make_client(server: DevServer, db_path: str) -> Iterator[MakeClient]:
-    """Clients on the test's outbox and server; nothing is sent before a flush unless asked."""
-    clients: list[DurableWhisperr] = []
-
-    def make(api_key: str = API_KEY, **options: Any) -> DurableWhisperr:
-        options.setdefault("path", db_path)
-        options.setdefault("base_url", server.url)
-        options.setdefault("flush_at", 100_000)
-        options.setdefault("flush_interval", 3600.0)
-        client = DurableWhisperr(api_key, **options)
-        clients.append(client)
-        return client
-
-    yield make
-    for client in clients:
-        client.shutdown(timeout=0.5)
 
 
 @pytest.fixture

@@ -755,8 +755,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
-        return commands.add_parser(
+    def subcommand(
+        group: Any, name: str, help_text: str, description: str = ""
+    ) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = group.add_parser(
             name,
             help=help_text,
             description=_wrap(description or help_text),
@@ -764,6 +766,10 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=EXIT_CODES,
             formatter_class=formatter,
         )
+        return parser
+
+    def command(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
+        return subcommand(commands, name, help_text, description)
 
     def key_option(p: argparse.ArgumentParser, text: str) -> None:
         p.add_argument("--api-key", metavar="KEY", help=f"{text} (default: $WHISPERR_API_KEY)")
@@ -879,14 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
-        return actions.add_parser(
-            name,
-            help=help_text,
-            description=_wrap(description or help_text),
-            parents=[common],
-            epilog=EXIT_CODES,
-            formatter_class=formatter,
-        )
+        return subcommand(actions, name, help_text, description)
 
     a = action(
         "list",
