@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -68,6 +70,26 @@ def no_internal_errors() -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
     assert not handler.records, [r.getMessage() for r in handler.records]
+
+
+def run_forked(fn: Callable[[], int], timeout: float = 20.0) -> int:
+    """Run ``fn`` in a forked child; its return value is the exit code (99 if it raised)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns into pytest
+        code = 99
+        try:
+            code = fn()
+        finally:
+            os._exit(code)
+    statuses: list[int] = []
+    reaper = threading.Thread(target=lambda: statuses.append(os.waitpid(pid, 0)[1]))
+    reaper.start()
+    reaper.join(timeout)
+    if reaper.is_alive():
+        os.kill(pid, signal.SIGKILL)
+        reaper.join(10)
+        pytest.fail("the forked child did not finish")
+    return os.waitstatus_to_exitcode(statuses[0])
 
 
 def load_spec(name: str) -> dict[str, Any]:

@@ -16,10 +16,10 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-from conftest import API_KEY, MakeClient
+from conftest import API_KEY, MakeClient, run_forked
 
 import whisperr_durable
 from whisperr_durable import (
@@ -62,28 +62,6 @@ def numbers(events: list[dict[str, Any]]) -> list[int]:
 
 def message_ids(body: bytes) -> list[str]:
     return [e["context"]["$message_id"] for e in json.loads(body)["events"]]
-
-
-def run_forked(child: Callable[[], bool], timeout: float = 15.0) -> int:
-    """Run ``child`` in a forked process; its exit status (0 when it returned True)."""
-    pid = os.fork()
-    if pid == 0:  # the child: never return into pytest
-        status = 1
-        try:
-            status = 0 if child() else 2
-        finally:
-            os._exit(status)
-    statuses: list[int] = []
-    reaper = threading.Thread(target=lambda: statuses.append(os.waitpid(pid, 0)[1]))
-    reaper.start()
-    reaper.join(timeout)
-    if reaper.is_alive():
-        os.kill(pid, signal.SIGKILL)
-        reaper.join(10)
-        pytest.fail("the forked child did not finish")
-    (wait_status,) = statuses
-    assert os.WIFEXITED(wait_status)
-    return os.WEXITSTATUS(wait_status)
 
 
 # ---- the drop-in surface ----
@@ -688,7 +666,7 @@ def test_a_forked_child_delivers_and_the_parent_keeps_working(
         client.track("u2", "in_child", {"i": 2})
         return client.flush(timeout=5).ok
 
-    assert run_forked(child) == 0
+    assert run_forked(lambda: 0 if child() else 2) == 0
 
     # The child's flush covered every queued op of this key, the parent's included.
     assert sorted(numbers(server.events)) == [0, 1, 2]
@@ -725,7 +703,7 @@ def test_a_fork_while_another_thread_is_inside_the_client(
             client.track("u2", "in_child", {"i": 1})
             return client.flush(timeout=5).ok
 
-        assert run_forked(child, timeout=10) == 0
+        assert run_forked(lambda: 0 if child() else 2, timeout=10) == 0
     finally:
         release.set()
         holder.join(5)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
-from conftest import API_KEY, MakeClient
+from conftest import API_KEY, MakeClient, run_forked
 
 from whisperr_durable import DurableWhisperr, WhisperrError, _client, _options, _retry
 from whisperr_durable._client import key_fingerprint
@@ -443,26 +443,6 @@ def test_a_real_full_filesystem_at_shutdown(small_fs: Path, server: DevServer) -
 
 
 # ---- 2. read-only files and directories ----
-
-
-def run_forked(fn: Callable[[], int], timeout: float = 20.0) -> int:
-    """Run ``fn`` in a forked child; its return value is the exit code (99 if it raised)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child never returns into pytest
-        code = 99
-        try:
-            code = fn()
-        finally:
-            os._exit(code)
-    statuses: list[int] = []
-    reaper = threading.Thread(target=lambda: statuses.append(os.waitpid(pid, 0)[1]))
-    reaper.start()
-    reaper.join(timeout)
-    if reaper.is_alive():
-        os.kill(pid, signal.SIGKILL)
-        reaper.join(10)
-        pytest.fail("the forked child did not finish")
-    return os.waitstatus_to_exitcode(statuses[0])
 
 
 def as_unprivileged(fn: Callable[[], int]) -> Callable[[], int]:

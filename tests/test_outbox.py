@@ -17,9 +17,10 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
+from conftest import run_forked
 
 from whisperr_durable._outbox import SCHEMA_VERSION, Claim, Outbox, StoreError
 from whisperr_durable._wire import IDENTIFY, TRACK
@@ -88,21 +89,6 @@ def raw_ops(path: str) -> dict[int, tuple[str, int, Optional[str], int]]:
     """id -> (key_fp, attempts, lease_owner, lease_until_ms) for every queued row."""
     rows = raw(path, "SELECT id, key_fp, attempts, lease_owner, lease_until_ms FROM ops")
     return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
-
-
-def run_in_child(fn: Callable[[], int]) -> int:
-    """Run ``fn`` in a forked child and return its exit code (99 if it raised)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 99
-        try:
-            code = fn()
-        except BaseException:
-            code = 99
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 @contextmanager
@@ -752,7 +738,7 @@ def test_read_only_file_raises_store_error(tmp_path: Path) -> None:
                 return 10
             return _append_fails_with_store_error(path)
 
-        code = run_in_child(as_nobody)
+        code = run_forked(as_nobody)
         if code == 10:
             pytest.skip("could not make the file read-only for an unprivileged user")
         assert code == 0
@@ -844,7 +830,7 @@ def test_forked_child_opens_its_own_connection(outbox: Outbox) -> None:
         outbox.close()  # closes only the child's own connection
         return code
 
-    assert run_in_child(child) == 0
+    assert run_forked(child) == 0
     # No connection crosses a fork: the parent's was closed before it and reopens on use.
     assert outbox._connection() is not parent_conn
     after = put(outbox, 3)
