@@ -595,7 +595,7 @@ def test_dead_letters_list_requeue_and_purge(
     assert missing.code == 1
     assert "purged 0 dead letters" in missing.out
     assert_one_line_error(missing, 1, "1 id of 1 not found")
-    purge = cli(env, "dead-letters", "purge", "--all", "--path", db_path)
+    purge = cli(env, "dead-letters", "purge", "--all", "--api-key", API_KEY, "--path", db_path)
     assert purge.code == 0, purge
     assert purge.out.strip() == "purged 1 dead letter"
     assert cli(env, "dead-letters", "list", "--path", db_path, "--json").out == ""
@@ -674,7 +674,11 @@ def test_bad_paths(env: dict[str, str], tmp_path: Path) -> None:
 
 
 def test_garbage_file(env: dict[str, str], garbage: Path) -> None:
-    for args in (["status"], ["peek", "--json"], ["dead-letters", "purge", "--all"]):
+    for args in (
+        ["status"],
+        ["peek", "--json"],
+        ["dead-letters", "purge", "--all", "--api-key", API_KEY],
+    ):
         run = cli(env, *args, "--path", str(garbage))
         assert_one_line_error(run, 4, "not a usable outbox")
     # A client would move a corrupt file aside and start afresh; the CLI never does.
@@ -761,6 +765,18 @@ def test_usage_errors_exit_2(env: dict[str, str], db_path: str) -> None:
         run = cli(env, *args, "--path", db_path)
         assert run.code == 2, run
         assert "usage:" in run.err and "Traceback" not in run.err
+
+
+def test_bad_values_that_argparse_takes_still_exit_2(env: dict[str, str], db_path: str) -> None:
+    fill(env, db_path, bulk=1)
+    for args in (
+        ["flush", "--timeout", "inf", "--api-key", API_KEY],
+        ["flush", "--timeout", "nan", "--api-key", API_KEY],
+        ["dead-letters", "purge", "--all"],  # never every key's by accident
+    ):
+        run = cli(env, *args, "--path", db_path)
+        assert run.code == 2, run
+        assert "Traceback" not in run.err and len(run.err.strip().splitlines()) == 1, run
 
 
 def test_broken_pipe_is_not_an_error(env: dict[str, str], db_path: str) -> None:

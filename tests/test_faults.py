@@ -1190,3 +1190,35 @@ def test_kills_during_eviction_keep_the_queue_bounded_and_its_count_exact(
         assert len(got) == count and got == sorted(got)  # the newest, in order
     finally:
         client.shutdown(timeout=1)
+
+
+def test_an_on_error_callback_that_tracks_never_deadlocks(
+    db_path: str, server: DevServer
+) -> None:
+    Path(db_path).write_bytes(b"not an outbox" * 100)
+    seen: list[str] = []
+    client: Optional[DurableWhisperr] = None
+
+    def on_error(error: WhisperrError) -> None:
+        seen.append(error.type)
+        assert client is not None
+        client.track("u1", "sdk_problem", {"type": error.type})  # a common pattern
+
+    client = DurableWhisperr(API_KEY, path=db_path, base_url=server.url, on_error=on_error)
+    done = threading.Event()
+
+    def first_call() -> None:
+        assert client is not None
+        client.track("u1", "first", {"i": 1})
+        done.set()
+
+    worker = threading.Thread(target=first_call, daemon=True)
+    worker.start()
+    try:
+        assert done.wait(10), "track() deadlocked in the on_error callback"
+        assert seen == ["store_error"]  # the corrupt file was moved aside and reported
+        wait_ok(client.flush(timeout=5))
+        assert sorted(e["event_type"] for e in server.events) == ["first", "sdk_problem"]
+    finally:
+        if done.is_set():  # a deadlocked client would hang its own shutdown too
+            client.shutdown(timeout=1)

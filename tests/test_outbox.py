@@ -883,3 +883,34 @@ def test_rows_survive_sigkill(db_path: str) -> None:
         assert [row.created_ms for row in c.rows] == [NOW + i for i in range(n)]
     finally:
         ob.close()
+
+
+def test_a_fork_while_another_thread_uses_the_outbox_never_hangs_the_child(
+    outbox: Outbox,
+) -> None:
+    put(outbox, 1)
+    holding = threading.Event()
+    release = threading.Event()
+
+    def busy() -> None:  # as a thread stuck retrying a locked file would
+        with outbox._guard:
+            holding.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    try:
+        assert holding.wait(5)
+
+        def child() -> int:
+            signal.alarm(10)  # a hang here would be the bug
+            put(outbox, 2)
+            return 0 if outbox.stats().pending == 2 else 1
+
+        started = time.monotonic()
+        assert run_forked(child) == 0
+        assert time.monotonic() - started < 5  # the parent waited a bounded time
+    finally:
+        release.set()
+        thread.join(10)
+    assert outbox.stats().pending == 2

@@ -152,8 +152,9 @@ class DurableWhisperr:
             SenderLock(lock_path(self._options.path, fingerprint)),
             self._emit,
             on_wake=self._store_overflow,
-            report_store=self._report_store_incident,
+            report_store=lambda message: self._emit(WhisperrError("store_error", message)),
         )
+        self._deferred: deque[WhisperrError] = deque()
         self._since_wake = 0
         self._store_errors = 0
         self._evicted_unlogged = 0
@@ -252,6 +253,8 @@ class DurableWhisperr:
             try:
                 if isinstance(item, Mapping):
                     args: list[Any] = [item.get(k) for k in _TRACK_FIELDS]
+                elif isinstance(item, (str, bytes)):
+                    raise InvalidOp("an item must be a tuple or a dict, not a string")
                 else:
                     if not 2 <= len(item) <= 4:
                         raise InvalidOp(
@@ -295,6 +298,7 @@ class DurableWhisperr:
                     with suppress(StoreError):
                         self._store_overflow_locked()
                 last_id = self._outbox.last_id()
+            self._emit_deferred()
 
             def pending() -> int:
                 with self._lock:
@@ -302,6 +306,7 @@ class DurableWhisperr:
 
             result = self._sender.flush(pending, timeout)
         except StoreError as exc:
+            self._emit_deferred()
             log.warning("whisperr_durable: flush could not use the outbox: %s", exc)
             return FlushResult(len(self._overflow), "store")
         if self._overflow:  # held in memory: not delivered, whatever the sender did
@@ -335,15 +340,21 @@ class DurableWhisperr:
         """What is in the outbox for this client's key (raises ``StoreError`` if unreadable)."""
         if self._disabled:
             return Stats(0, 0, None, 0, 0, 0)
-        with self._lock:
-            return replace(self._outbox.stats(), store_errors=self._store_errors)
+        try:
+            with self._lock:
+                return replace(self._outbox.stats(), store_errors=self._store_errors)
+        finally:
+            self._emit_deferred()
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` ops the server refused, for this client's key."""
         if self._disabled:
             return []
-        with self._lock:
-            return self._outbox.dead_letters(limit)
+        try:
+            with self._lock:
+                return self._outbox.dead_letters(limit)
+        finally:
+            self._emit_deferred()
 
     # ---- internals ----
 
@@ -395,6 +406,7 @@ class DurableWhisperr:
         if evicted:
             self._note_eviction(evicted)
             self._emit(WhisperrError("dropped", f"queue full: evicted {evicted} oldest op(s)"))
+        self._emit_deferred()
         if not self._closed:
             self._sender.start()
             if wake:
@@ -433,9 +445,20 @@ class DurableWhisperr:
             if self._overflow:
                 with suppress(StoreError):
                     self._store_overflow_locked()
+        self._emit_deferred()
 
     def _report_store_incident(self, message: str) -> None:
-        self._emit(WhisperrError("store_error", message))
+        # Called with the lock held: a callback that tracks must find it free, so the
+        # report waits for _emit_deferred().
+        self._deferred.append(WhisperrError("store_error", message))
+
+    def _emit_deferred(self) -> None:
+        while self._deferred:
+            try:
+                error = self._deferred.popleft()
+            except IndexError:  # another thread emitted it
+                return
+            self._emit(error)
 
     def _invalid(self, method: str, exc: Exception) -> None:
         if not isinstance(exc, InvalidOp):

@@ -775,14 +775,15 @@ class Outbox:
 # a fork, wait for every outbox to be idle and close its connection; each reopens on use.
 _live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
 _held_for_fork: list[Outbox] = []
-_FORK_WAIT = 5.0
+_FORK_WAIT = 1.0
 
 
 def _before_fork() -> None:
+    # Bounded, for all outboxes together: a fork must never hang on us. One we cannot
+    # wait for keeps its connection, which the child only abandons (the pid check).
+    deadline = time.monotonic() + _FORK_WAIT
     for outbox in list(_live_outboxes):
-        # Bounded: a fork must never hang on us. One we cannot wait for keeps its
-        # connection, and the child only abandons it (the pid check in _connection).
-        if outbox._guard.acquire(timeout=_FORK_WAIT):
+        if outbox._guard.acquire(timeout=max(0.0, deadline - time.monotonic())):
             _held_for_fork.append(outbox)
             outbox.close()
 
@@ -793,8 +794,10 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    while _held_for_fork:
-        _held_for_fork.pop()._guard = threading.RLock()
+    # Every guard afresh: one we could not take is held by a thread the child does not have.
+    _held_for_fork.clear()
+    for outbox in list(_live_outboxes):
+        outbox._guard = threading.RLock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -109,7 +109,7 @@ class Sender:
         self._waiters = 0
         self._store_error_logged = ""
         self._store_error_quiet_until = 0.0
-        # Per request of the current cycle: None for a success, else what went wrong.
+        # Per request of the current batch: None for a success, else what went wrong.
         self._noted: list[Optional[str]] = []
 
     def after_fork(self) -> None:
@@ -275,24 +275,21 @@ class Sender:
         lead = self._lock.try_acquire()
         if lead is False:
             return  # another process is sending this key's ops; a flush waiter polls
-        self._noted = []
         try:
             # Holding the lock, any lease we find is a dead sender's: take its rows at once.
             self._drain(outbox, lead is True, deadline)
         finally:
-            try:
-                self._record(outbox)
-            finally:
-                if lead:
-                    self._lock.release()
+            if lead:
+                self._lock.release()
 
     def _record(self, outbox: Outbox) -> None:
-        """Leave what this cycle came to in the file, for ``whisperr-durable status``."""
-        if not self._noted:
+        """Leave what a batch came to in the file, for ``whisperr-durable status``."""
+        noted, self._noted = self._noted, []
+        if not noted:
             return
         now_ms = utc_now_ms()
-        success_ms = now_ms if None in self._noted else None
-        error = next((e for e in reversed(self._noted) if e is not None), None)
+        success_ms = now_ms if None in noted else None
+        error = next((e for e in reversed(noted) if e is not None), None)
         try:
             outbox.record_sender(os.getpid(), now_ms, success_ms, error)
         except StoreError:
@@ -327,6 +324,7 @@ class Sender:
                     continue  # more may be behind them
                 return
             outcome = self._deliver(outbox, claim.rows, deadline)
+            self._record(outbox)  # before a flush waiter hears of it
             with self._cond:
                 self._progress += 1
                 self._cond.notify_all()

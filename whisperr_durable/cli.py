@@ -528,7 +528,9 @@ def cmd_dead_letters_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters_purge(args: argparse.Namespace) -> int:
-    return _mend(args, "purge", _api_key(args))
+    # --all deletes for one key only: an operator never wipes other keys' by accident.
+    key = _api_key(args, required_for="purge --all") if args.all else _api_key(args)
+    return _mend(args, "purge", key)
 
 
 def _store_call(path: str, fn: Callable[[], T]) -> T:
@@ -589,8 +591,8 @@ def cmd_identify(args: argparse.Namespace) -> int:
 def cmd_flush(args: argparse.Namespace) -> int:
     key = _api_key(args, required_for="flush")
     assert key is not None
-    if args.timeout < 0:
-        raise CliError(EXIT_USAGE, "--timeout must not be negative")
+    if not 0 <= args.timeout < _NEVER:  # also refuses nan and inf
+        raise CliError(EXIT_USAGE, "--timeout must be a number of seconds, 0 for no limit")
     if args.max_retries < 0:
         raise CliError(EXIT_USAGE, "--max-retries must not be negative")
     timeout = args.timeout or None
@@ -914,7 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Delete dead letters for good. Exit 1 if a given id is not found.",
     )
     a.add_argument("ids", nargs="*", type=int, metavar="ID")
-    a.add_argument("--all", action="store_true", help="every dead letter (of --api-key's key)")
+    a.add_argument("--all", action="store_true", help="every dead letter of this key")
     key_option(a, "purge only this key's")
     a.set_defaults(run=cmd_dead_letters_purge)
 
