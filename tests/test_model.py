@@ -517,11 +517,13 @@ def test_flush_result_is_not_stale_after_eviction_in_flight(db_path: str) -> Non
         sender = client._sender
         sender_flush = sender.flush
 
-        def flush_reading_slowly(pending: Callable[[], int], timeout: Optional[float]) -> Any:
+        def flush_reading_slowly(
+            pending: Callable[[bool], int], timeout: Optional[float]
+        ) -> Any:
             # Widen the window between reading the count and checking for a block: the
             # first read waits until the sender has reported the failure.
-            def slow_pending() -> int:
-                count = pending()
+            def slow_pending(exact: bool) -> int:
+                count = pending(exact)
                 if not first_read.is_set():
                     first_read.set()
                     with sender._cond:

@@ -914,3 +914,24 @@ def test_a_fork_while_another_thread_uses_the_outbox_never_hangs_the_child(
         release.set()
         thread.join(10)
     assert outbox.stats().pending == 2
+
+
+def test_a_file_far_over_the_bound_shrinks_a_thousand_rows_a_call(db_path: str) -> None:
+    big = Outbox(db_path, KEY)
+    try:
+        big.append_many([(TRACK, body(n), NOW) for n in range(2500)], BIG_QUEUE)
+    finally:
+        big.close()
+    small = Outbox(db_path, KEY)
+    try:
+        _, evicted = small.append(TRACK, body(2500), NOW, 10)
+        assert evicted == 1000  # not all 2,491 at once, in the caller's transaction
+        assert small.stats().pending == 1501
+        evictions = [small.append(TRACK, body(n), NOW, 10)[1] for n in range(2501, 2504)]
+        assert evictions == [1000, 493, 1]
+        assert small.stats().pending == 10
+        # A bulk append never grows the queue past the bound, however large.
+        assert small.append_many([(TRACK, body(n), NOW) for n in range(3000)], 10) == 3000
+        assert small.stats().pending == 10
+    finally:
+        small.close()

@@ -300,9 +300,9 @@ class DurableWhisperr:
                 last_id = self._outbox.last_id()
             self._emit_deferred()
 
-            def pending() -> int:
+            def pending(exact: bool) -> int:
                 with self._lock:
-                    return self._outbox.pending_through(last_id)
+                    return self._outbox.pending_through(last_id, exact=exact)
 
             result = self._sender.flush(pending, timeout)
         except StoreError as exc:

@@ -95,6 +95,8 @@ _CORRUPT = ("file is not a database", "database disk image is malformed")
 # thread); this bound only stops the WAL growing without end if the sender cannot.
 _CALLER_AUTOCHECKPOINT_PAGES = 10_000
 _WAL_SIZE_LIMIT = 4 * 1024 * 1024
+# The most rows one append evicts; a bulk append of more rows evicts as many as it added.
+_EVICT_PER_CALL = 1_000
 
 # Connections left behind by fork, or to a file since moved aside. Closing one could
 # checkpoint into or delete a WAL that is not its own, and garbage collection would close
@@ -473,13 +475,17 @@ class Outbox:
                 "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, ?, ?, ?)",
                 [(self.key_fp, kind, body, created_ms) for kind, body, created_ms in ops],
             )
-            return self._bound(conn, max_queue_size)
+            return self._bound(conn, max_queue_size, len(ops))
 
-    def _bound(self, conn: sqlite3.Connection, max_queue_size: int) -> int:
+    def _bound(self, conn: sqlite3.Connection, max_queue_size: int, added: int = 1) -> int:
         (size,) = conn.execute(
             "SELECT n FROM queue_sizes WHERE key_fp = ?", (self.key_fp,)
         ).fetchone()
-        return self._evict(conn, size - max_queue_size) if size > max_queue_size else 0
+        if size <= max_queue_size:
+            return 0
+        # A file far over this client's bound (left by a client with a larger one) shrinks
+        # over several calls, so that no one call holds the caller for long.
+        return self._evict(conn, min(size - max_queue_size, max(added, _EVICT_PER_CALL)))
 
     def _evict(self, conn: sqlite3.Connection, count: int) -> int:
         evicted = conn.execute(
@@ -625,11 +631,13 @@ class Outbox:
         ((last,),) = self._read("SELECT max(id) FROM ops WHERE key_fp = ?", (self.key_fp,))
         return int(last or 0)
 
-    def pending_through(self, last_id: int) -> int:
-        """How many of this key's ops with ids up to ``last_id`` are still queued."""
-        ((count,),) = self._read(
-            "SELECT count(*) FROM ops WHERE key_fp = ? AND id <= ?", (self.key_fp, last_id)
-        )
+    def pending_through(self, last_id: int, *, exact: bool = True) -> int:
+        """How many of this key's ops with ids up to ``last_id`` are still queued
+        (``exact=False``: 0 or 1, whether there is any, at no cost on a large backlog)."""
+        sql = "SELECT count(*) FROM ops WHERE key_fp = ? AND id <= ?"
+        if not exact:
+            sql = "SELECT count(*) FROM (SELECT 1 FROM ops WHERE key_fp = ? AND id <= ? LIMIT 1)"
+        ((count,),) = self._read(sql, (self.key_fp, last_id))
         return int(count)
 
     def stats(self) -> Stats:

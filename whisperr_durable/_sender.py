@@ -48,6 +48,11 @@ _TRUNCATE_EVERY = 100
 _MIN_RETRY_DELAY = 0.01
 
 
+# pending(exact): how many ops the flush waits for; with exact=False, any non-zero number
+# will do (it is asked often while waiting, and a count is not cheap on a large backlog).
+Pending = Callable[[bool], int]
+
+
 @dataclass(frozen=True)
 class FlushResult:
     """What ``flush()`` came to.
@@ -138,10 +143,10 @@ class Sender:
             self._thread = thread
         return True
 
-    def flush(self, pending: Callable[[], int], timeout: Optional[float]) -> FlushResult:
-        """Wait until ``pending()`` is 0, delivery is blocked, or ``timeout`` passes."""
+    def flush(self, pending: Pending, timeout: Optional[float]) -> FlushResult:
+        """Wait until nothing is pending, delivery is blocked, or ``timeout`` passes."""
         if timeout is not None and timeout <= 0:  # only asks how things stand
-            left = pending()
+            left = pending(True)
             return FlushResult(left, "timeout" if left else None)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -160,41 +165,41 @@ class Sender:
                     seen = self._progress
                     blocked = self._blocked != blocked_at_start
                 # Counted after the block was seen, so the count is not older than it.
-                left = pending()
+                left = pending(False)
                 if left == 0:
                     return FlushResult()
                 if blocked:
-                    return FlushResult(left, self._blocked_reason)
+                    return FlushResult(pending(True), self._blocked_reason)
                 with self._cond:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
-                        return FlushResult(left, "timeout")
+                        return FlushResult(pending(True), "timeout")
                     if self._thread is None or not self._thread.is_alive():
-                        return FlushResult(left, "stopped")
+                        return FlushResult(pending(True), "stopped")
                     if self._progress == seen:
                         self._cond.wait(remaining)
         finally:
             with self._cond:
                 self._waiters -= 1
 
-    def _flush_inline(self, pending: Callable[[], int], deadline: Optional[float]) -> FlushResult:
+    def _flush_inline(self, pending: Pending, deadline: Optional[float]) -> FlushResult:
         # No thread can be started (interpreter shutdown): deliver from the caller's thread.
         outbox = self._open_outbox()
         try:
             while True:
                 if self._stop.is_set():
-                    return FlushResult(pending(), "stopped")
+                    return FlushResult(pending(True), "stopped")
                 blocked = self._blocked
                 self._on_wake()
                 self._cycle(outbox, deadline)
-                left = pending()
+                left = pending(False)
                 if left == 0:
                     return FlushResult()
                 if self._blocked != blocked:
-                    return FlushResult(left, self._blocked_reason)
+                    return FlushResult(pending(True), self._blocked_reason)
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
-                    return FlushResult(left, "timeout")
+                    return FlushResult(pending(True), "timeout")
                 wait = max(self._not_before - now, _POLL_WHILE_WAITING)
                 self._stop.wait(wait if deadline is None else min(wait, deadline - now))
         finally:
