@@ -1,4 +1,4 @@
-"""The seven benchmarks of issue 5. Each takes a Context and returns a Result."""
+"""The seven benchmarks. Each takes a Context and returns a Result."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from whisperr_durable import DurableWhisperr, WhisperrError
 
 # The sender never wakes on its own while a loop is timed.
 IDLE: dict[str, Any] = {"flush_at": 10**9, "flush_interval": 3600.0}
-# Reference figures from the issue (a 2-core CI machine, CPython 3.11, SQLite 3.40.1).
+# Reference figures (a 2-core CI machine, CPython 3.11, SQLite 3.40.1).
 SEGMENT_OVER_WHISPERR = 17.1 / 6.0
 
 
@@ -174,7 +174,7 @@ def bench_track(ctx: Context) -> Result:
         "µs",
         f"< {segment_est:.1f} µs",
         oi["median_us"] < segment_est,
-        note="segment not installed: taken as 2.85x whisperr, the issue's ratio",
+        note="segment not installed: taken as 2.85x whisperr, the published ratio",
     )
     result.notes.append(
         f"{per_round * sizes.rounds:,} timed calls per variant in {sizes.rounds} interleaved "

@@ -1,8 +1,8 @@
-"""Benchmarks of issue 5: whisperr_durable next to the official whisperr SDK, in one run.
+"""Benchmarks: whisperr_durable next to the official whisperr SDK, in one run.
 
     .venv/bin/python benchmarks/run.py [--quick] [--only NAME,...] [--json PATH]
 
-Prints a table (each figure with its target from the issue, met or NOT MET) and writes the
+Prints a table (each figure with its target, met or NOT MET) and writes the
 figures, raw data and machine info as JSON (default: benchmarks/results/latest.json).
 See benchmarks/README.md.
 """
