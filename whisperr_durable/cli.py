@@ -470,30 +470,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_peek(args: argparse.Namespace) -> int:
-    if args.n < 1:
-        raise CliError(EXIT_USAGE, "-n must be at least 1")
-    with open_outbox(_path(args), _api_key(args)) as outbox:
-        ops = _store_call(outbox.path, lambda: outbox.peek(args.n))
-    if args.json:
-        for op in ops:
-            print(json.dumps(asdict(op)))
-    else:
-        print("\n".join(render_peek(ops, _now_ms())))
-    return EXIT_OK
-
-
-def cmd_dead_letters_list(args: argparse.Namespace) -> int:
+def _list(
+    args: argparse.Namespace,
+    fetch: Callable[[OutboxFile], Sequence[T]],
+    as_json: Callable[[T], Any],
+    render: Callable[[Sequence[T], int], list[str]],
+) -> int:
+    """A read command that lists items: JSON lines with --json, else a table."""
     if args.n is not None and args.n < 1:
         raise CliError(EXIT_USAGE, "-n must be at least 1")
     with open_outbox(_path(args), _api_key(args)) as outbox:
-        letters = _store_call(outbox.path, lambda: outbox.dead_letters(args.n))
+        items = _store_call(outbox.path, lambda: fetch(outbox))
     if args.json:
-        for letter in letters:
-            print(json.dumps(dead_letter_json(letter)))
+        for item in items:
+            print(json.dumps(as_json(item)))
     else:
-        print("\n".join(render_dead_letters(letters, _now_ms())))
+        print("\n".join(render(items, _now_ms())))
     return EXIT_OK
+
+
+def cmd_peek(args: argparse.Namespace) -> int:
+    return _list(args, lambda outbox: outbox.peek(args.n), asdict, render_peek)
+
+
+def cmd_dead_letters_list(args: argparse.Namespace) -> int:
+    return _list(
+        args, lambda outbox: outbox.dead_letters(args.n), dead_letter_json, render_dead_letters
+    )
 
 
 def _ids(args: argparse.Namespace, verb: str) -> Optional[list[int]]:
