@@ -768,3 +768,20 @@ def test_track_many_in_strict_mode_raises_for_an_invalid_item(make_client: MakeC
     with pytest.raises(ValueError):
         client.track_many([("u1", "fine"), ("u1", "Not Fine")])
     assert client.stats().pending == 0  # the chunk never reached the outbox
+
+
+def test_shutdown_stops_at_the_first_failure_and_keeps_the_rest(
+    make_client: MakeClient, server: DevServer
+) -> None:
+    client = make_client(shutdown_timeout=30)
+    for i in range(3):
+        client.track("u1", "at_exit", {"i": i})
+    server.push_script(503)  # a retry would succeed, but shutdown makes one attempt
+    started = time.monotonic()
+    result = client.shutdown()
+    assert time.monotonic() - started < 5  # no waiting out backoff with a 30 s budget
+    assert (result.pending, result.reason) == (3, "retry_exhausted")
+    assert len(server.requests) == 1
+    survivor = make_client()
+    assert survivor.flush(timeout=5).ok
+    assert sorted(e["properties"]["i"] for e in server.events) == [0, 1, 2]

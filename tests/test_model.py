@@ -518,7 +518,7 @@ def test_flush_result_is_not_stale_after_eviction_in_flight(db_path: str) -> Non
         sender_flush = sender.flush
 
         def flush_reading_slowly(
-            pending: Callable[[bool], int], timeout: Optional[float]
+            pending: Callable[[bool], int], timeout: Optional[float], *, retry: bool = True
         ) -> Any:
             # Widen the window between reading the count and checking for a block: the
             # first read waits until the sender has reported the failure.
@@ -530,7 +530,7 @@ def test_flush_result_is_not_stale_after_eviction_in_flight(db_path: str) -> Non
                         assert sender._cond.wait_for(lambda: sender._blocked > 0, 5)
                 return count
 
-            return sender_flush(slow_pending, timeout)
+            return sender_flush(slow_pending, timeout, retry=retry)
 
         sender.flush = flush_reading_slowly  # type: ignore[method-assign]
         result = client.flush(timeout=5)

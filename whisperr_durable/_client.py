@@ -290,6 +290,9 @@ class DurableWhisperr:
         (key rejected, retries exhausted), or after ``timeout`` seconds (``None``: no limit).
         The result tells how many of them are still pending and why.
         """
+        return self._flush(timeout, retry=True)
+
+    def _flush(self, timeout: Optional[float], *, retry: bool) -> FlushResult:
         if self._disabled or not (self._overflow or os.path.exists(self._options.path)):
             return FlushResult()  # nothing was ever stored: do not create the file for this
         try:
@@ -304,7 +307,7 @@ class DurableWhisperr:
                 with self._lock:
                     return self._outbox.pending_through(last_id, exact=exact)
 
-            result = self._sender.flush(pending, timeout)
+            result = self._sender.flush(pending, timeout, retry=retry)
         except StoreError as exc:
             self._emit_deferred()
             log.warning("whisperr_durable: flush could not use the outbox: %s", exc)
@@ -316,15 +319,17 @@ class DurableWhisperr:
     def shutdown(self, timeout: Optional[float] = None) -> FlushResult:
         """Flush for at most ``timeout`` seconds (default ``shutdown_timeout``), then stop.
 
-        Whatever is not delivered by then stays in the outbox for the next client. Also run
-        at interpreter exit. Idempotent.
+        The final flush stops at the first failed request; whatever is not delivered stays in
+        the outbox for the next client. Also run at interpreter exit. Idempotent.
         """
         if self._disabled or self._closed:
             return FlushResult()
         self._closed = True
         budget = self._options.shutdown_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
-        result = self.flush(budget)
+        # One pass, as the official SDK's shutdown: after a failed request what is left stays
+        # on disk for the next process, and exit is not held up by backoff.
+        result = self._flush(budget, retry=False)
         self._sender.stop(max(0.0, min(1.0, deadline - time.monotonic())))
         if self._overflow:
             lost = len(self._overflow)

@@ -143,8 +143,14 @@ class Sender:
             self._thread = thread
         return True
 
-    def flush(self, pending: Pending, timeout: Optional[float]) -> FlushResult:
-        """Wait until nothing is pending, delivery is blocked, or ``timeout`` passes."""
+    def flush(
+        self, pending: Pending, timeout: Optional[float], *, retry: bool = True
+    ) -> FlushResult:
+        """Wait until nothing is pending, delivery is blocked, or ``timeout`` passes.
+
+        ``retry=False``: also stop at the first failed request (as at shutdown: what is left
+        stays on disk, so waiting out a backoff buys nothing).
+        """
         if timeout is not None and timeout <= 0:  # only asks how things stand
             left = pending(True)
             return FlushResult(left, "timeout" if left else None)
@@ -158,7 +164,7 @@ class Sender:
             self._waiters += 1
         try:
             if not self.start():
-                return self._flush_inline(pending, deadline)
+                return self._flush_inline(pending, deadline, retry)
             self._wake.set()
             while True:
                 with self._cond:
@@ -170,6 +176,8 @@ class Sender:
                     return FlushResult()
                 if blocked:
                     return FlushResult(pending(True), self._blocked_reason)
+                if not retry and self._failures:
+                    return FlushResult(pending(True), "retry_exhausted")
                 with self._cond:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
@@ -182,7 +190,9 @@ class Sender:
             with self._cond:
                 self._waiters -= 1
 
-    def _flush_inline(self, pending: Pending, deadline: Optional[float]) -> FlushResult:
+    def _flush_inline(
+        self, pending: Pending, deadline: Optional[float], retry: bool
+    ) -> FlushResult:
         # No thread can be started (interpreter shutdown): deliver from the caller's thread.
         outbox = self._open_outbox()
         try:
@@ -197,6 +207,8 @@ class Sender:
                     return FlushResult()
                 if self._blocked != blocked:
                     return FlushResult(pending(True), self._blocked_reason)
+                if not retry and self._failures:
+                    return FlushResult(pending(True), "retry_exhausted")
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     return FlushResult(pending(True), "timeout")
@@ -330,14 +342,15 @@ class Sender:
                 return
             outcome = self._deliver(outbox, claim.rows, deadline)
             self._record(outbox)  # before a flush waiter hears of it
+            if outcome is None:
+                self._failures = 0
+            else:
+                self._after_failure(outcome)
             with self._cond:
                 self._progress += 1
                 self._cond.notify_all()
-            if outcome is None:
-                self._failures = 0
-                continue
-            self._after_failure(outcome)
-            return
+            if outcome is not None:
+                return
 
     def _after_failure(self, outcome: Outcome) -> None:
         now = time.monotonic()
