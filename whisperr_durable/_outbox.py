@@ -18,7 +18,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
@@ -345,6 +345,10 @@ class Outbox:
         with filelock.FileLock(f"{self.path}.repair.lock", timeout=self._store_timeout, mode=0o600):
             if self._inode and os.stat(self.path).st_ino != self._inode:
                 return  # another process moved it aside already
+            if self._checks_out():
+                # One bad read is not a bad file: never move a file others are using well.
+                log.warning("whisperr_durable: SQLite said %r, but %s checks out", why, self.path)
+                return
             aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
             os.rename(self.path, aside)
             with suppress(FileNotFoundError):
@@ -355,6 +359,14 @@ class Outbox:
         log.warning("whisperr_durable: %s", message)
         if self._report is not None:
             self._report(message)
+
+    def _checks_out(self) -> bool:
+        """Whether a fresh connection finds the file sound (a cost paid only on suspicion)."""
+        try:
+            with closing(sqlite3.connect(self.path, timeout=self._store_timeout)) as conn:
+                return bool(conn.execute("PRAGMA quick_check(1)").fetchone()[0] == "ok")
+        except sqlite3.Error:
+            return False
 
     def _same_file(self) -> bool:
         try:
