@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from datetime import timezone
-from email.utils import parsedate_to_datetime
 from typing import Callable, Optional
 
 from ._options import BACKOFF_CAP, BACKOFF_JITTER, RETRY_AFTER_CAP
@@ -46,6 +45,9 @@ def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
     try:
         seconds = float(value)
     except ValueError:
+        # Imported here: an HTTP date is rare, and email.utils costs every process 7 ms.
+        from email.utils import parsedate_to_datetime
+
         try:
             when = parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError, OverflowError):
