@@ -124,7 +124,6 @@ class DurableWhisperr:
             store_timeout=store_timeout,
             max_dead_letters=max_dead_letters,
             fsync=fsync,
-            strict=strict,
         )
         # Context keys added to every event, under the caller's keys.
         self._environment = {"sdk_name": SDK_NAME, "sdk_version": __version__}

@@ -64,7 +64,6 @@ class Options:
     store_timeout: float = DEFAULT_STORE_TIMEOUT
     max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS
     fsync: bool = False
-    strict: bool = False
 
     def __post_init__(self) -> None:
         positive = {
