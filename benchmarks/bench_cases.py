@@ -523,7 +523,7 @@ def bench_e2e(ctx: Context) -> Result:
         "client CPU = this process's user+system time over the drain (the sender thread, and "
         "for flush() its waiter); the devserver's from /proc/<pid>/stat. 'the sender alone': "
         "flush_at=1 and one track() wake the sender, which drains until empty; the main thread "
-        "polls the outbox's row counter (O(1)) every 20 ms."
+        "polls the span of the outbox's ids (O(log n)) every 20 ms."
     )
     return result
 

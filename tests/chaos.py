@@ -443,7 +443,17 @@ def queued_keys(db: str) -> set[Key]:
         return set()
     conn = sqlite3.connect(db, timeout=10)
     try:
-        rows = conn.execute("SELECT body FROM ops").fetchall()
+        # Every key's queue table ("ops:<key fingerprint>"), whichever keys wrote to the file.
+        tables = conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'ops:%'"
+        ).fetchall()
+        rows = [
+            row
+            for (table,) in tables
+            for row in conn.execute(
+                'SELECT body FROM "' + table.replace('"', '""') + '"'
+            ).fetchall()
+        ]
     finally:
         conn.close()
     keys = set()

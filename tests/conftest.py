@@ -12,11 +12,18 @@ from typing import Any, Callable
 import pytest
 
 from whisperr_durable import DurableWhisperr
+from whisperr_durable._client import key_fingerprint
+from whisperr_durable._outbox import _queue_table
 from whisperr_durable.devserver import DevServer
 
 API_KEY = "wrk_test_key"
 
 MakeClient = Callable[..., DurableWhisperr]
+
+
+def queue_table(api_key: str = API_KEY) -> str:
+    """The quoted name of ``api_key``'s queue table in an outbox file, for raw SQL."""
+    return _queue_table(key_fingerprint(api_key))
 
 
 @pytest.fixture

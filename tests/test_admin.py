@@ -8,11 +8,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, MakeClient
+from conftest import API_KEY, MakeClient, queue_table
 
 from whisperr_durable import DurableWhisperr, OutboxFile, StoreError
 from whisperr_durable._client import key_fingerprint
 from whisperr_durable._outbox import _SCHEMA_V1, SCHEMA_VERSION
+from whisperr_durable._wire import utc_now_ms
 from whisperr_durable.devserver import DevServer
 
 
@@ -54,7 +55,9 @@ def test_status_shows_a_batch_in_flight_and_the_process_holding_it(
     client.track("u1", "in_flight")
     owner = "4242-abcdef"
     with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE ops SET lease_owner = ?, lease_until_ms = ?", (owner, 2**62))
+        conn.execute(
+            f"UPDATE {queue_table()} SET lease_owner = ?, lease_until_ms = ?", (owner, 2**62)
+        )
     with OutboxFile(db_path) as outbox:
         (key,) = outbox.status().keys
     assert (key.leased, key.lease_owner_pid, key.lease_until_ms) == (1, 4242, 2**62)
@@ -96,6 +99,28 @@ def test_requeue_sends_a_dead_letter_again_with_its_message_id(
     assert event["context"]["$message_id"] == first_id
 
 
+def test_peek_shows_a_requeued_op_where_it_will_be_delivered(
+    make_client: MakeClient, server: DevServer, db_path: str
+) -> None:
+    client = make_client()
+    client.track("u1", "refused_then_fixed", {"i": 0})
+    server.push_script(422)
+    assert client.flush(timeout=5).ok  # dead-lettered
+    tick = utc_now_ms()
+    while utc_now_ms() <= tick:  # the newer ops are created in a later millisecond
+        pass
+    client.track("u1", "newer", {"i": 1})
+    client.track("u1", "newer", {"i": 2})
+    with OutboxFile(db_path, api_key=API_KEY) as outbox:
+        (dead,) = outbox.dead_letters()
+        assert outbox.requeue([dead.id]) == 1  # back at the end of the queue
+        peeked = [op.body["properties"]["i"] for op in outbox.peek(10)]
+    assert client.flush(timeout=5).ok
+    delivered = [event["properties"]["i"] for event in server.events]
+    assert delivered == [1, 2, 0]
+    assert peeked == delivered
+
+
 def test_purge_deletes_dead_letters_by_id_or_all(
     make_client: MakeClient, server: DevServer, db_path: str
 ) -> None:
@@ -135,33 +160,33 @@ def test_a_file_that_is_not_an_outbox_is_reported_and_left_alone(tmp_path: Path)
 
 
 def test_a_version_1_file_is_migrated_and_keeps_its_rows(db_path: str) -> None:
+    body = json.dumps(
+        {
+            "external_user_id": "u1",
+            "event_type": "from_version_1",
+            "occurred_at": "2026-11-26T00:00:00.000Z",
+            "properties": {},
+            "context": {"$message_id": "v1-message"},
+        }
+    )
     with sqlite3.connect(db_path, isolation_level=None) as conn:
         for statement in _SCHEMA_V1:
             conn.execute(statement)
         conn.execute(
             "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, 0, ?, ?)",
-            (
-                key_fingerprint(API_KEY),
-                json.dumps(
-                    {
-                        "external_user_id": "u1",
-                        "event_type": "from_version_1",
-                        "occurred_at": "2026-11-26T00:00:00.000Z",
-                        "properties": {},
-                        "context": {"$message_id": "v1-message"},
-                    }
-                ),
-                1,
-            ),
+            (key_fingerprint(API_KEY), body, 1),
         )
         conn.execute("PRAGMA user_version = 1")
     client = DurableWhisperr(API_KEY, path=db_path)
     try:
         stats = client.stats()
-        assert stats.schema_version == SCHEMA_VERSION == 2
+        assert stats.schema_version == SCHEMA_VERSION == 3
         assert stats.pending == 1
     finally:
         client.shutdown(timeout=0)
     with sqlite3.connect(db_path) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        rows = conn.execute(f"SELECT id, kind, body, created_ms FROM {queue_table()}").fetchall()
     assert "sender_state" in tables
+    assert not {"ops", "queue_sizes"} & tables  # the single queue of versions 1 and 2 is gone
+    assert rows == [(1, 0, body, 1)]

@@ -91,6 +91,7 @@ _FILL = textwrap.dedent(
     """
     import json, os, sys
     from whisperr_durable import DurableWhisperr
+    from whisperr_durable._wire import utc_now_ms
     spec = json.loads(sys.argv[1])
     clients = {}
     def client(key):
@@ -102,6 +103,10 @@ _FILL = textwrap.dedent(
             )
         return clients[key]
     for key, kind, user, name in spec["ops"]:
+        if spec["spaced"]:  # each op in a millisecond of its own: created_ms orders them
+            tick = utc_now_ms()
+            while utc_now_ms() <= tick:
+                pass
         if kind == "track":
             client(key).track(user, name, {"note": "x"})
         else:
@@ -121,9 +126,14 @@ def fill(
     *,
     bulk: int = 0,
     bulk_key: str = API_KEY,
+    spaced: bool = False,
 ) -> None:
-    """Queue ``(key, "track"|"identify", user, event_or_name)`` ops, and ``bulk`` tracks."""
+    """Queue ``(key, "track"|"identify", user, event_or_name)`` ops, and ``bulk`` tracks.
+
+    ``spaced``: no two of ``ops`` are created in the same millisecond.
+    """
     spec = {
+        "spaced": spaced,
         "path": path,
         "url": env["WHISPERR_BASE_URL"],
         "ops": [list(op) for op in ops],
@@ -356,8 +366,9 @@ def test_status_and_peek_while_another_process_writes(env: dict[str, str], db_pa
         """
         import os, sys, threading
         from whisperr_durable import DurableWhisperr
+        # A bound it never reaches: every op it tracks stays queued.
         client = DurableWhisperr(sys.argv[2], path=sys.argv[1], base_url=sys.argv[3],
-                                 flush_at=10**9, flush_interval=3600)
+                                 flush_at=10**9, flush_interval=3600, max_queue_size=10**9)
         stop = threading.Event()
         threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
         n = 0
@@ -393,7 +404,9 @@ def test_status_and_peek_while_another_process_writes(env: dict[str, str], db_pa
         tracked = int(writer.stdout.readline())
         assert writer.wait(timeout=30) == 0
     # Every op the writer tracked, and no more, is on disk.
-    assert key_status(status_json(env, db_path), API_KEY)["pending"] == tracked >= second
+    final = key_status(status_json(env, db_path), API_KEY)
+    assert final["pending"] == tracked >= second, final
+    assert final["evicted"] == 0
 
 
 # ---- peek ----
@@ -410,9 +423,15 @@ def test_peek_shows_delivery_order(env: dict[str, str], db_path: str) -> None:
             (OTHER_KEY, "track", "user_b", "fourth_event"),
             (API_KEY, "track", "user_a", "fifth_event"),
         ],
+        spaced=True,
     )
     ops = cli(env, "peek", "--path", db_path, "--json").json_lines()
-    assert [op["id"] for op in ops] == sorted(op["id"] for op in ops)
+    # Each key's ops in its own delivery (id) order; ids are per key, so across keys the
+    # oldest comes first.
+    for fp in (key_fingerprint(API_KEY), key_fingerprint(OTHER_KEY)):
+        ids = [op["id"] for op in ops if op["key_fingerprint"] == fp]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert [op["created_ms"] for op in ops] == sorted(op["created_ms"] for op in ops)
     names = [op["body"].get("event_type", "identify") for op in ops]
     assert names == ["first_event", "second_event", "identify", "fourth_event", "fifth_event"]
     assert {op["key_fingerprint"] for op in ops} == {

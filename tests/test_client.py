@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, MakeClient, run_forked
+from conftest import API_KEY, MakeClient, queue_table, run_forked
 
 import whisperr_durable
 from whisperr_durable import (
@@ -372,7 +372,7 @@ def test_retry_exhaustion_keeps_the_ops_and_counts_attempts(
     assert len({r.body for r in server.requests}) == 1
     assert [(e.type, e.status) for e in errors] == [("retry_exhausted", 503)]
     with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT attempts FROM ops").fetchall() == [(3,)]
+        assert conn.execute(f"SELECT attempts FROM {queue_table()}").fetchall() == [(3,)]
 
     assert client.flush(timeout=5).ok
     assert [r.status for r in server.requests] == [503, 503, 503, 202]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
-from conftest import API_KEY, MakeClient, run_forked
+from conftest import API_KEY, MakeClient, queue_table, run_forked
 
 from whisperr_durable import DurableWhisperr, WhisperrError, _client, _options, _retry
 from whisperr_durable._client import key_fingerprint
@@ -95,7 +95,7 @@ def rows_in_main_file_only(path: str, scratch: Path) -> int:
     copy = scratch / "main-only.db"
     shutil.copyfile(path, copy)
     try:
-        ((count,),) = raw(str(copy), "SELECT count(*) FROM ops")
+        ((count,),) = raw(str(copy), f"SELECT count(*) FROM {queue_table()}")
     except sqlite3.OperationalError as exc:  # the schema itself is still in the WAL
         assert "no such table" in str(exc)
         return 0
@@ -784,8 +784,9 @@ def test_a_wal_cut_mid_frame_keeps_every_complete_commit(
     track_then_sigkill(db_path, server.url, count)
     wal = Path(db_path + "-wal")
     frame, commits = wal_layout(wal)
-    # One commit to create the schema, then one per track; the last frame ends a commit.
-    assert commits[-1] and sum(commits) == count + 1
+    # One commit to create the schema, one to create the key's queue table, then one per
+    # track; the last frame ends a commit.
+    assert commits[-1] and sum(commits) == count + 2
     with open(wal, "r+b") as handle:
         handle.truncate(wal.stat().st_size - frame // 2)  # cut inside the last frame
 
@@ -866,15 +867,13 @@ def test_six_processes_create_one_new_outbox_at_once(
     assert all(c == 1 for _, _, c in names), names
     tables = {name for kind, name, _ in names if kind == "table"}
     assert tables == {
-        "ops",
-        "queue_sizes",
+        "ops:" + key_fingerprint(API_KEY),  # the one key's queue, created once
         "dead_letters",
         "counters",
         "sender_state",
         "sqlite_sequence",
     }
-    assert raw(db_path, "SELECT count(*) FROM ops") == [(n,)]
-    assert raw(db_path, "SELECT n FROM queue_sizes") == [(n,)]
+    assert raw(db_path, f"SELECT count(*), min(id), max(id) FROM {queue_table()}") == [(n, 1, n)]
 
     collector = make_client()
     wait_ok(collector.flush(timeout=10))
@@ -918,7 +917,9 @@ def test_a_newer_schema_version_is_reported_and_left_untouched(
 
 def set_lease(path: str, owner: str, until_ms: int) -> None:
     with closing(sqlite3.connect(path, isolation_level=None, timeout=5)) as conn:
-        conn.execute("UPDATE ops SET lease_owner = ?, lease_until_ms = ?", (owner, until_ms))
+        conn.execute(
+            f"UPDATE {queue_table()} SET lease_owner = ?, lease_until_ms = ?", (owner, until_ms)
+        )
 
 
 def break_sender_lock(path: str) -> None:
@@ -1169,6 +1170,8 @@ def test_kills_during_eviction_keep_the_queue_bounded_and_its_count_exact(
             i += 1
         """
     )
+    fp = key_fingerprint(API_KEY)
+    appended = 0
     for _ in range(3):
         child = subprocess.Popen(
             [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=child_env()
@@ -1179,10 +1182,19 @@ def test_kills_during_eviction_keep_the_queue_bounded_and_its_count_exact(
         finally:
             child.send_signal(signal.SIGKILL)  # somewhere in a track(), mid-eviction or not
             child.wait()
-        fp = key_fingerprint(API_KEY)
-        ((count,),) = raw(db_path, "SELECT count(*) FROM ops WHERE key_fp = ?", (fp,))
-        ((kept,),) = raw(db_path, "SELECT n FROM queue_sizes WHERE key_fp = ?", (fp,))
-        assert count == kept <= 50
+        # Each child counts from 0: its newest stored op says how many of its appends
+        # committed (a kill inside a track() undoes the whole append, eviction and all).
+        ((newest,),) = raw(db_path, f"SELECT body FROM {queue_table()} ORDER BY id DESC LIMIT 1")
+        appended += json.loads(newest)["properties"]["i"] + 1
+        ((count, first, last),) = raw(
+            db_path, f"SELECT count(*), min(id), max(id) FROM {queue_table()}"
+        )
+        ((evicted,),) = raw(
+            db_path, "SELECT n FROM counters WHERE key_fp = ? AND name = 'evicted'", (fp,)
+        )
+        assert count <= 50  # bounded
+        assert last - first + 1 == count  # the newest ops, no holes
+        assert evicted + count == appended  # every committed append is queued or counted
     client = DurableWhisperr(API_KEY, path=db_path, base_url=server.url, max_queue_size=50)
     try:
         wait_ok(client.flush(timeout=10))

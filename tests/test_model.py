@@ -57,8 +57,10 @@ from hypothesis.stateful import (
 from whisperr_durable import DurableWhisperr, WhisperrError
 from whisperr_durable._client import key_fingerprint
 from whisperr_durable._lock import lock_path
+from whisperr_durable._outbox import _queue_table
 
 API_KEY = "wrk_model_key"
+QUEUE = _queue_table(key_fingerprint(API_KEY))  # this key's queue table in the outbox
 BASE_URL = "http://whisperr.test"
 BATCH = "/v1/events/batch"
 IDENTIFY = "/v1/identify"
@@ -131,6 +133,9 @@ class Model:
         # Results flush() may give besides the exact one, because of a known race.
 
     def append(self, op: Op) -> None:
+        # The outbox evicts by id window (ids <= newest - max_queue_size), which is this
+        # exact count as long as ops leave only from the head, so that a key's ids stay a
+        # dense run: ``outbox_matches_model`` checks that they do.
         self.queue.append(op)
         if len(self.queue) > self.max_queue_size:
             self.queue.popleft()  # the oldest goes
@@ -415,8 +420,8 @@ class QueueMachine(RuleBasedStateMachine):
         try:
             with conn:
                 changed = conn.execute(
-                    "UPDATE ops SET lease_owner = 'pid-of-a-dead-sender', lease_until_ms = ? "
-                    "WHERE id IN (SELECT id FROM ops ORDER BY id LIMIT ?)",
+                    f"UPDATE {QUEUE} SET lease_owner = 'pid-of-a-dead-sender', "
+                    f"lease_until_ms = ? WHERE id IN (SELECT id FROM {QUEUE} ORDER BY id LIMIT ?)",
                     (int(time.time() * 1000) + 10_000, rows),
                 ).rowcount
         finally:
@@ -425,13 +430,14 @@ class QueueMachine(RuleBasedStateMachine):
 
     # ---- invariants ----
 
-    def _stored_seqs(self) -> list[int]:
+    def _stored(self) -> list[tuple[int, int]]:
+        """``(id, seq)`` of every queued op, in id order."""
         conn = sqlite3.connect(self.path)
         try:
-            rows = conn.execute("SELECT body FROM ops ORDER BY id").fetchall()
+            rows = conn.execute(f"SELECT id, body FROM {QUEUE} ORDER BY id").fetchall()
         finally:
             conn.close()
-        return [seq_of(json.loads(body)) for (body,) in rows]
+        return [(op_id, seq_of(json.loads(body))) for op_id, body in rows]
 
     @invariant()
     def outbox_matches_model(self) -> None:
@@ -448,7 +454,11 @@ class QueueMachine(RuleBasedStateMachine):
         assert stats.evicted == model.evicted
         assert stats.dead_letters == len(model.dead)
         assert stats.store_errors == 0
-        assert self._stored_seqs() == [op.seq for op in model.queue]
+        stored = self._stored()
+        assert [seq for _, seq in stored] == [op.seq for op in model.queue]
+        # No holes: the id window the outbox bounds the queue by holds exactly its ops.
+        ids = [op_id for op_id, _ in stored]
+        assert ids == list(range(ids[0], ids[0] + len(ids)) if ids else []), ids
         dead = self.client.dead_letters(limit=100_000)
         assert [seq_of(json.loads(d.body)) for d in dead] == model.dead
         assert {(d.status, d.reason) for d in dead} <= {(400, "HTTP 400")}

@@ -22,7 +22,15 @@ from typing import Any, Optional
 import pytest
 from conftest import run_forked
 
-from whisperr_durable._outbox import SCHEMA_VERSION, Claim, Outbox, StoreError
+from whisperr_durable._outbox import (
+    _SCHEMA_V1,
+    _SCHEMA_V2,
+    SCHEMA_VERSION,
+    Claim,
+    Outbox,
+    StoreError,
+    _queue_table,
+)
 from whisperr_durable._wire import IDENTIFY, TRACK
 
 KEY = "fp-aaaa"
@@ -85,10 +93,26 @@ def raw(path: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         return conn.execute(sql, params).fetchall()
 
 
-def raw_ops(path: str) -> dict[int, tuple[str, int, Optional[str], int]]:
-    """id -> (key_fp, attempts, lease_owner, lease_until_ms) for every queued row."""
-    rows = raw(path, "SELECT id, key_fp, attempts, lease_owner, lease_until_ms FROM ops")
-    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+def raw_ops(path: str, key_fp: str = KEY) -> dict[int, tuple[int, Optional[str], int]]:
+    """id -> (attempts, lease_owner, lease_until_ms) for every row queued for ``key_fp``."""
+    rows = raw(
+        path, f"SELECT id, attempts, lease_owner, lease_until_ms FROM {_queue_table(key_fp)}"
+    )
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def raw_bodies(path: str, key_fp: str = KEY) -> list[tuple[int, str]]:
+    """(id, body) of every row queued for ``key_fp``, in id order."""
+    return raw(path, f"SELECT id, body FROM {_queue_table(key_fp)} ORDER BY id")
+
+
+def tables(path: str) -> set[str]:
+    return {name for (name,) in raw(path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def held(ob: Outbox, owner: str = "owner-a", **kwargs: Any) -> list[int]:
+    """Claim the head batch for ``owner`` (as a sender does before ack or dead_letter)."""
+    return ids(claim(ob, owner, **kwargs))
 
 
 @contextmanager
@@ -257,23 +281,115 @@ def test_append_returns_increasing_ids(outbox: Outbox) -> None:
     assert outbox.last_id() == got[-1]
 
 
-def test_ids_are_never_reused_even_after_the_table_empties(outbox: Outbox) -> None:
+def test_ids_restart_only_in_an_empty_queue_and_new_ids_follow_every_queued_id(
+    outbox: Outbox,
+) -> None:
     first = [put(outbox, n) for n in range(3)]
-    assert outbox.ack(first[0], first[-1]) == 3
+    assert first == [1, 2, 3]
+    assert held(outbox, max_rows=2) == first[:2]
+    assert outbox.ack(first[0], first[1], "owner-a") == 2
+    # One row still queued: the next id follows it, it never fills the freed ids.
+    assert put(outbox, 3) == 4
+    assert held(outbox) == [3, 4]
+    assert outbox.ack(3, 4, "owner-a") == 2
     assert outbox.stats().pending == 0
     assert outbox.last_id() == 0
-    nxt = put(outbox, 3)
-    assert nxt > first[-1]
-    outbox.dead_letter(nxt, nxt, 400, "bad", NOW)
-    assert outbox.stats().pending == 0
-    assert put(outbox, 4) > nxt
+    # An empty queue starts again at 1, after an ack ...
+    assert put(outbox, 4) == 1
+    assert held(outbox) == [1]
+    assert outbox.dead_letter(1, 1, "owner-a", 400, "bad", NOW) == 1
+    # ... and after a dead letter.
+    assert put(outbox, 5) == 1
+    assert put(outbox, 6) == 2
     outbox.close()
-    # Also across a reopen of the file.
+    # Also across a reopen of the file: ids go on above the queued rows.
     again = Outbox(outbox.path, KEY)
     try:
-        assert put(again, 5) > nxt + 1
+        assert put(again, 7) == 3
+        assert [r[0] for r in raw_bodies(again.path)] == [1, 2, 3]
+        assert [r[1] for r in raw_bodies(again.path)] == [body(5), body(6), body(7)]
     finally:
         again.close()
+
+
+def test_new_ids_are_above_every_queued_id_whatever_was_deleted(outbox: Outbox) -> None:
+    for n in range(5):
+        put(outbox, n)
+    assert held(outbox) == [1, 2, 3, 4, 5]
+    # A hole in the middle and the newest row gone: never reused below a queued row.
+    assert outbox.ack(2, 3, "owner-a") == 2
+    assert outbox.ack(5, 5, "owner-a") == 1
+    assert sorted(raw_ops(outbox.path)) == [1, 4]
+    assert put(outbox, 9) == 5  # max(id) + 1: above 4, the newest queued id
+    assert [r[1] for r in raw_bodies(outbox.path)] == [body(0), body(3), body(9)]  # FIFO kept
+
+
+@pytest.mark.parametrize("stale_call", ["ack", "dead_letter"])
+def test_a_stale_ack_or_dead_letter_never_touches_new_rows_with_the_same_ids(
+    outbox: Outbox, stale_call: str
+) -> None:
+    old = [put(outbox, n) for n in range(3)]
+    assert held(outbox, "owner-a", lease_ms=1000) == old
+    # owner-a stalls past its lease; owner-b takes the rows over and delivers them.
+    assert held(outbox, "owner-b", now_ms=NOW + 1001) == old
+    assert outbox.ack(old[0], old[-1], "owner-b") == 3
+    # The queue emptied, so new rows get the very same ids; owner-b claims some of them.
+    new = [put(outbox, 10 + n) for n in range(4)]
+    assert new[:3] == old
+    assert held(outbox, "owner-b", now_ms=NOW + 1002, max_rows=2) == new[:2]
+    before = raw_ops(outbox.path)
+    # owner-a wakes up and reports on its old batch: the ids now name other rows.
+    if stale_call == "ack":
+        assert outbox.ack(old[0], old[-1], "owner-a") == 0
+    else:
+        assert outbox.dead_letter(old[0], old[-1], "owner-a", 400, "bad", NOW) == 0
+    assert raw_ops(outbox.path) == before
+    assert [r[1] for r in raw_bodies(outbox.path)] == [body(10 + n) for n in range(4)]
+    assert outbox.dead_letters() == []
+    assert outbox.stats().pending == 4
+
+
+@pytest.mark.parametrize("call", ["ack", "dead_letter"])
+def test_ack_and_dead_letter_touch_only_rows_the_owner_holds(outbox: Outbox, call: str) -> None:
+    all_ids = [put(outbox, n) for n in range(4)]
+    assert held(outbox, "owner-a", max_rows=2) == all_ids[:2]
+    before = raw_ops(outbox.path)
+
+    def run(owner: str) -> int:
+        if call == "ack":
+            return outbox.ack(all_ids[0], all_ids[-1], owner)
+        return outbox.dead_letter(all_ids[0], all_ids[-1], owner, 400, "bad", NOW)
+
+    # Another owner's call, over held and unclaimed rows alike, changes nothing.
+    assert run("owner-b") == 0
+    assert raw_ops(outbox.path) == before
+    assert outbox.dead_letters() == []
+    # The holder's call over the whole range takes its two rows, not the unclaimed two.
+    assert run("owner-a") == 2
+    assert sorted(raw_ops(outbox.path)) == all_ids[2:]
+    assert raw_ops(outbox.path) == {i: before[i] for i in all_ids[2:]}
+    expected_dead = all_ids[:2] if call == "dead_letter" else []
+    assert [d.op_id for d in outbox.dead_letters()] == expected_dead
+    # Unclaimed rows are not taken by any owner's call.
+    assert run("owner-a") == 0
+    assert sorted(raw_ops(outbox.path)) == all_ids[2:]
+
+
+def test_dead_letter_by_an_empty_owner_moves_no_unclaimed_rows(outbox: Outbox) -> None:
+    all_ids = [put(outbox, n) for n in range(3)]
+    assert outbox.ack(all_ids[0], all_ids[-1], "") == 0  # ack already gets this right
+    assert outbox.dead_letter(all_ids[0], all_ids[-1], "", 400, "bad", NOW) == 0
+    assert sorted(raw_ops(outbox.path)) == all_ids
+
+
+def test_a_released_row_is_no_longer_the_owners_to_ack(outbox: Outbox) -> None:
+    all_ids = [put(outbox, n) for n in range(2)]
+    assert held(outbox) == all_ids
+    outbox.release(all_ids[0], all_ids[-1], "owner-a", failed=False)
+    assert outbox.ack(all_ids[0], all_ids[-1], "owner-a") == 0
+    assert outbox.dead_letter(all_ids[0], all_ids[-1], "owner-a", 400, "bad", NOW) == 0
+    assert sorted(raw_ops(outbox.path)) == all_ids
+    assert outbox.dead_letters() == []
 
 
 def test_eviction_keeps_newest_rows_and_counts_them(outbox: Outbox) -> None:
@@ -300,11 +416,11 @@ def test_eviction_never_touches_another_keys_rows(db_path: str) -> None:
         a_ids = [put(a, n) for n in range(3)]
         b_results = [b.append(TRACK, body(100 + n), NOW, 2) for n in range(6)]
         assert [e for _, e in b_results] == [0, 0, 1, 1, 1, 1]
-        ops = raw_ops(db_path)
-        assert sorted(i for i, r in ops.items() if r[0] == KEY) == a_ids
-        assert sorted(i for i, r in ops.items() if r[0] == OTHER_KEY) == [
-            op_id for op_id, _ in b_results[-2:]
-        ]
+        # Ids are per key: B's run starts at 1 beside A's.
+        assert a_ids == [1, 2, 3]
+        assert [op_id for op_id, _ in b_results] == [1, 2, 3, 4, 5, 6]
+        assert sorted(raw_ops(db_path, KEY)) == a_ids
+        assert sorted(raw_ops(db_path, OTHER_KEY)) == [5, 6]
         assert a.stats().evicted == 0
         assert b.stats().evicted == 4
         # And A, bounded at its own size, evicts only its own oldest.
@@ -312,6 +428,7 @@ def test_eviction_never_touches_another_keys_rows(db_path: str) -> None:
         assert evicted == 1
         assert ids(claim(a)) == [*a_ids[1:], a.last_id()]
         assert b.stats().pending == 2
+        assert sorted(raw_ops(db_path, OTHER_KEY)) == [5, 6]
     finally:
         a.close()
         b.close()
@@ -322,8 +439,10 @@ def test_queue_size_stays_exact_after_acks_dead_letters_and_expiry(outbox: Outbo
     got = [outbox.append(TRACK, body(n), NOW, limit) for n in range(limit)]
     assert all(e == 0 for _, e in got)
     first, second, third, fourth = (op_id for op_id, _ in got)
-    assert outbox.ack(first, first) == 1
-    assert outbox.dead_letter(second, second, 400, "bad", NOW) == 1
+    assert held(outbox, max_rows=1) == [first]
+    assert outbox.ack(first, first, "owner-a") == 1
+    assert held(outbox, max_rows=1) == [second]
+    assert outbox.dead_letter(second, second, "owner-a", 400, "bad", NOW) == 1
     c = claim(outbox, now_ms=NOW + MAX_AGE_MS + 1, max_rows=1)  # third is past the window
     assert c.expired == 1
     assert c.rows == []
@@ -343,6 +462,26 @@ def test_queue_size_stays_exact_after_acks_dead_letters_and_expiry(outbox: Outbo
     assert outbox.stats().evicted == 1
 
 
+def test_eviction_is_by_id_window_so_a_hole_in_the_queue_leaves_it_short(
+    outbox: Outbox,
+) -> None:
+    """The documented window: rows with id <= newest - max_queue_size go, present or not."""
+    limit = 4
+    for n in range(limit):
+        put(outbox, n, max_queue_size=limit)
+    assert held(outbox) == [1, 2, 3, 4]
+    assert outbox.ack(2, 3, "owner-a") == 2  # out of order: a hole behind the head
+    op_id, evicted = outbox.append(TRACK, body(4), NOW, limit)
+    assert (op_id, evicted) == (5, 1)  # id 1 is at the cutoff: evicted though only 3 queued
+    assert sorted(raw_ops(outbox.path)) == [4, 5]
+    assert outbox.stats().pending == 2 < limit
+    assert outbox.stats().evicted == 1
+    # Appends fill the window back up; the bound then holds the newest `limit` again.
+    results = [outbox.append(TRACK, body(5 + n), NOW, limit) for n in range(3)]
+    assert results == [(6, 0), (7, 0), (8, 1)]
+    assert sorted(raw_ops(outbox.path)) == [5, 6, 7, 8]
+
+
 # ---- key partitioning ----
 
 
@@ -354,29 +493,58 @@ def test_two_keys_on_one_file_see_only_their_own_rows(db_path: str) -> None:
         b1 = put(b, 2, created_ms=NOW - 9, kind=IDENTIFY)
         a2 = put(a, 3)
         b2 = put(b, 4)
-        b.dead_letter(b1, b1, 400, "bad", NOW)
+        # Each key numbers its own ops.
+        assert (a1, a2) == (1, 2)
+        assert (b1, b2) == (1, 2)
+        assert held(b, "owner-b") == [b1]  # the identify, alone
+        assert b.dead_letter(b1, b1, "owner-b", 400, "bad", NOW) == 1
 
         assert ids(claim(a, "owner-a")) == [a1, a2]
         assert ids(claim(b, "owner-b")) == [b2]
+        assert [r[1] for r in raw_bodies(db_path, KEY)] == [body(1), body(3)]
+        assert [r[1] for r in raw_bodies(db_path, OTHER_KEY)] == [body(4)]
         sa, sb = a.stats(), b.stats()
         assert (sa.pending_tracks, sa.pending_identifies, sa.oldest_created_ms) == (2, 0, NOW - 5)
         assert (sb.pending_tracks, sb.pending_identifies, sb.oldest_created_ms) == (1, 0, NOW)
         assert (sa.dead_letters, sb.dead_letters) == (0, 1)
         assert a.dead_letters() == []
         assert [d.op_id for d in b.dead_letters()] == [b1]
+        assert [d.body for d in b.dead_letters()] == [body(2)]
         assert a.last_id() == a2
         assert b.last_id() == b2
-        assert a.pending_through(b2) == 2
+        assert a.pending_through(a2) == 2
         assert b.pending_through(b2) == 1
-        assert b.pending_through(a2) == 0
+        assert b.pending_through(b1) == 0
 
-        # Writes by one key with the other key's ids change nothing of the other's.
-        assert b.ack(a1, a2) == 0
+        # Writes by one key, with ids and owner of the other key's held rows, change
+        # nothing of the other's (nor of its own rows, held by another owner).
+        a_before, b_before = raw_ops(db_path, KEY), raw_ops(db_path, OTHER_KEY)
+        assert b.ack(a1, a2, "owner-a") == 0
         b.release(a1, a2, "owner-a", failed=True)
-        assert b.dead_letter(a1, a2, 400, "bad", NOW) == 0
-        ops = raw_ops(db_path)
-        assert ops[a1] == (KEY, 0, "owner-a", NOW + LEASE_MS)
-        assert ops[a2] == (KEY, 0, "owner-a", NOW + LEASE_MS)
+        assert b.renew(a1, a2, "owner-a", NOW + 99_999) == 0
+        assert b.dead_letter(a1, a2, "owner-a", 400, "bad", NOW) == 0
+        assert raw_ops(db_path, KEY) == a_before
+        assert a_before == {a1: (0, "owner-a", NOW + LEASE_MS), a2: (0, "owner-a", NOW + LEASE_MS)}
+        assert raw_ops(db_path, OTHER_KEY) == b_before
+        assert a.dead_letters() == []
+        # And the same ids by their own key and owner do act.
+        assert a.ack(a1, a2, "owner-a") == 2
+        assert raw_ops(db_path, OTHER_KEY) == b_before
+    finally:
+        a.close()
+        b.close()
+
+
+def test_each_key_has_its_own_table_created_when_its_outbox_opens(db_path: str) -> None:
+    a = Outbox(db_path, KEY)
+    b = Outbox(db_path, OTHER_KEY)
+    try:
+        a.open()
+        assert f"ops:{KEY}" in tables(db_path)
+        assert f"ops:{OTHER_KEY}" not in tables(db_path)
+        b.open()
+        assert {f"ops:{KEY}", f"ops:{OTHER_KEY}"} <= tables(db_path)
+        assert not {"ops", "queue_sizes"} & tables(db_path)
     finally:
         a.close()
         b.close()
@@ -402,9 +570,9 @@ def test_leading_tracks_stop_before_an_identify(outbox: Outbox) -> None:
     c = claim(outbox)
     assert ids(c) == [t1, t2]
     assert all(row.kind == TRACK for row in c.rows)
-    outbox.ack(t1, t2)
+    assert outbox.ack(t1, t2, "owner-a") == 2
     assert ids(claim(outbox)) == [i]
-    outbox.ack(i, i)
+    assert outbox.ack(i, i, "owner-a") == 1
     assert ids(claim(outbox)) == [t3]
 
 
@@ -413,8 +581,13 @@ def test_max_rows_limits_the_batch(outbox: Outbox) -> None:
     c = claim(outbox, max_rows=2)
     assert ids(c) == all_ids[:2]
     # The rest is not leased: another owner takes the next run after the first is acked.
-    outbox.ack(all_ids[0], all_ids[1])
+    assert outbox.ack(all_ids[0], all_ids[1], "owner-a") == 2
     assert ids(claim(outbox, "owner-b", max_rows=2)) == all_ids[2:4]
+    assert {i: r[1] for i, r in raw_ops(outbox.path).items()} == {
+        all_ids[2]: "owner-b",
+        all_ids[3]: "owner-b",
+        all_ids[4]: None,
+    }
 
 
 def test_max_bytes_limits_the_batch(outbox: Outbox) -> None:
@@ -444,7 +617,7 @@ def test_nothing_is_claimed_while_another_owner_holds_a_live_lease(outbox: Outbo
     assert c.rows == []
     assert c.expired == 0
     ops = raw_ops(outbox.path)
-    assert [ops[i][2] for i in all_ids] == ["owner-a", "owner-a", None, None]
+    assert [ops[i][1] for i in all_ids] == ["owner-a", "owner-a", None, None]
 
 
 def test_an_expired_lease_is_taken_over(outbox: Outbox) -> None:
@@ -454,7 +627,7 @@ def test_an_expired_lease_is_taken_over(outbox: Outbox) -> None:
     c = claim(outbox, "owner-b", now_ms=NOW + 1001, lease_ms=1000)
     assert ids(c) == all_ids
     ops = raw_ops(outbox.path)
-    assert {ops[i][2:] for i in all_ids} == {("owner-b", NOW + 1001 + 1000)}
+    assert {ops[i][1:] for i in all_ids} == {("owner-b", NOW + 1001 + 1000)}
 
 
 def test_a_lease_too_far_in_the_future_is_treated_as_expired(outbox: Outbox) -> None:
@@ -463,7 +636,7 @@ def test_a_lease_too_far_in_the_future_is_treated_as_expired(outbox: Outbox) -> 
     assert ids(claim(outbox, "owner-a", now_ms=NOW + 3_600_000, lease_ms=1000)) == all_ids
     c = claim(outbox, "owner-b", now_ms=NOW, lease_ms=1000)
     assert ids(c) == all_ids
-    assert {raw_ops(outbox.path)[i][2] for i in all_ids} == {"owner-b"}
+    assert {raw_ops(outbox.path)[i][1] for i in all_ids} == {"owner-b"}
 
 
 def test_the_same_owner_may_reclaim_its_own_leased_rows(outbox: Outbox) -> None:
@@ -472,7 +645,7 @@ def test_the_same_owner_may_reclaim_its_own_leased_rows(outbox: Outbox) -> None:
     c = claim(outbox, "owner-a", now_ms=NOW + 10)
     assert ids(c) == all_ids
     # The lease was renewed from the new claim time.
-    assert {raw_ops(outbox.path)[i][3] for i in all_ids} == {NOW + 10 + LEASE_MS}
+    assert {raw_ops(outbox.path)[i][2] for i in all_ids} == {NOW + 10 + LEASE_MS}
 
 
 def test_old_tracks_are_dead_lettered_as_expired_old_identify_is_not(outbox: Outbox) -> None:
@@ -497,11 +670,11 @@ def test_old_tracks_are_dead_lettered_as_expired_old_identify_is_not(outbox: Out
     assert outbox.stats().dead_letters == 2
     assert outbox.stats().pending == 4
 
-    outbox.ack(t_edge, t_new)
+    assert outbox.ack(t_edge, t_new, "owner-a") == 2
     c = claim(outbox, now_ms=NOW)
     assert ids(c) == [i_old]  # identify has no age limit
     assert c.expired == 0
-    outbox.ack(i_old, i_old)
+    assert outbox.ack(i_old, i_old, "owner-a") == 1
     c = claim(outbox, now_ms=NOW)
     assert (c.rows, c.expired) == ([], 1)
     assert outbox.dead_letters()[-1].op_id == t_after
@@ -518,9 +691,12 @@ def test_ack_deletes_exactly_the_run(db_path: str) -> None:
         a1, a2 = put(a, 1), put(a, 2)
         b1 = put(b, 3)
         a3, a4 = put(a, 4), put(a, 5)
-        assert a.ack(a2, a3) == 2
-        assert sorted(raw_ops(db_path)) == [a1, b1, a4]
-        assert a.ack(a2, a3) == 0  # already gone
+        assert held(a) == [a1, a2, a3, a4]
+        assert held(b) == [b1]  # the same owner name, on another key's queue
+        assert a.ack(a2, a3, "owner-a") == 2
+        assert sorted(raw_ops(db_path, KEY)) == [a1, a4]
+        assert sorted(raw_ops(db_path, OTHER_KEY)) == [b1]
+        assert a.ack(a2, a3, "owner-a") == 0  # already gone
         assert b.stats().pending == 1
         assert a.stats().pending == 2
     finally:
@@ -535,7 +711,7 @@ def test_release_clears_the_lease_and_counts_failures(outbox: Outbox, failed: bo
     outbox.release(all_ids[0], all_ids[1], "owner-a", failed=failed)
     ops = raw_ops(outbox.path)
     expected = 1 if failed else 0
-    assert [ops[i][1:] for i in all_ids] == [(expected, None, 0)] * 2 + [(0, None, 0)]
+    assert [ops[i] for i in all_ids] == [(expected, None, 0)] * 2 + [(0, None, 0)]
     # Another owner can claim them at once, and sees the attempts.
     c = claim(outbox, "owner-b", now_ms=NOW + 1)
     assert ids(c) == all_ids
@@ -556,7 +732,7 @@ def test_release_touches_only_the_owners_rows_in_the_range(outbox: Outbox) -> No
     claim(outbox, "owner-a", max_rows=2)
     outbox.release(all_ids[0], all_ids[-1], "owner-a", failed=True)
     ops = raw_ops(outbox.path)
-    assert [ops[i][1] for i in all_ids] == [1, 1, 0, 0]
+    assert [ops[i][0] for i in all_ids] == [1, 1, 0, 0]
 
 
 def test_dead_letter_moves_rows_with_status_reason_and_attempts(outbox: Outbox) -> None:
@@ -564,9 +740,14 @@ def test_dead_letter_moves_rows_with_status_reason_and_attempts(outbox: Outbox) 
     t2 = put(outbox, 2, created_ms=NOW - 1)
     i3 = put(outbox, 3, kind=IDENTIFY)
     keep = put(outbox, 4)
-    claim(outbox, "owner-a")
+    assert held(outbox, "owner-a") == [t1, t2]
     outbox.release(t1, t2, "owner-a", failed=True)  # one failed attempt already
-    assert outbox.dead_letter(t1, i3, 422, "invalid event", NOW + 7) == 3
+    assert held(outbox, "owner-a") == [t1, t2]
+    # The range reaches the identify, which owner-a does not hold: only the tracks go.
+    assert outbox.dead_letter(t1, i3, "owner-a", 422, "invalid event", NOW + 7) == 2
+    assert sorted(raw_ops(outbox.path)) == [i3, keep]
+    assert held(outbox, "owner-a") == [i3]
+    assert outbox.dead_letter(i3, i3, "owner-a", 422, "invalid event", NOW + 7) == 1
     assert sorted(raw_ops(outbox.path)) == [keep]
     dead = outbox.dead_letters()
     assert [(d.op_id, d.kind, d.body, d.created_ms) for d in dead] == [
@@ -576,6 +757,7 @@ def test_dead_letter_moves_rows_with_status_reason_and_attempts(outbox: Outbox) 
     ]
     assert [d.attempts for d in dead] == [2, 2, 1]
     assert {(d.status, d.reason, d.failed_ms) for d in dead} == {(422, "invalid event", NOW + 7)}
+    assert {d.key_fingerprint for d in dead} == {KEY}
     assert outbox.stats().dead_letters == 3
     assert outbox.stats().pending == 1
 
@@ -584,10 +766,11 @@ def test_dead_letters_are_bounded_oldest_removed(db_path: str) -> None:
     ob = Outbox(db_path, KEY, max_dead_letters=3)
     try:
         all_ids = [put(ob, n) for n in range(6)]
-        assert ob.dead_letter(all_ids[0], all_ids[4], 500, "refused", NOW) == 5
+        assert held(ob) == all_ids
+        assert ob.dead_letter(all_ids[0], all_ids[4], "owner-a", 500, "refused", NOW) == 5
         assert [d.op_id for d in ob.dead_letters()] == all_ids[2:5]
         assert ob.stats().dead_letters == 3
-        ob.dead_letter(all_ids[5], all_ids[5], None, "refused", NOW)
+        assert ob.dead_letter(all_ids[5], all_ids[5], "owner-a", None, "refused", NOW) == 1
         assert [d.op_id for d in ob.dead_letters()] == all_ids[3:6]
         assert raw(db_path, "SELECT count(*) FROM dead_letters") == [(3,)]
     finally:
@@ -599,14 +782,113 @@ def test_dead_letter_bound_of_one_key_never_removes_another_keys(db_path: str) -
     b = Outbox(db_path, OTHER_KEY, max_dead_letters=3)
     try:
         a_ids = [put(a, n) for n in range(2)]
-        a.dead_letter(a_ids[0], a_ids[-1], 400, "bad", NOW)
+        assert held(a) == a_ids
+        assert a.dead_letter(a_ids[0], a_ids[-1], "owner-a", 400, "bad", NOW) == 2
         b_ids = [put(b, n) for n in range(3)]
-        b.dead_letter(b_ids[0], b_ids[-1], 400, "bad", NOW)
+        assert held(b) == b_ids
+        assert b.dead_letter(b_ids[0], b_ids[-1], "owner-a", 400, "bad", NOW) == 3
         assert [d.op_id for d in b.dead_letters()] == b_ids
         assert [d.op_id for d in a.dead_letters()] == a_ids
     finally:
         a.close()
         b.close()
+
+
+# ---- migration ----
+
+
+def _write_v2_file(path: str) -> dict[str, list[tuple[Any, ...]]]:
+    """A file as the previous SDK (schema v2) left it: one ``ops`` table for both keys, ids
+    interleaved and with gaps, one row leased. Returns each key's rows as
+    ``(old id, kind, body, created_ms, attempts, lease_owner, lease_until_ms)`` in order."""
+    rows = [
+        (KEY, TRACK, body(1), NOW - 40, 1, "pid-9-abc", NOW + 5_000),  # leased
+        (OTHER_KEY, IDENTIFY, body(2), NOW - 25, 2, None, 0),
+        (KEY, TRACK, body(3), NOW - 30, 0, None, 0),
+        (KEY, IDENTIFY, body(4), NOW - 20, 0, None, 0),
+        (OTHER_KEY, TRACK, body(5), NOW - 15, 0, None, 0),
+        (KEY, TRACK, body(6), NOW - 10, 3, None, 0),
+        (OTHER_KEY, TRACK, body(7), NOW - 5, 0, None, 0),
+    ]
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        for statement in (*_SCHEMA_V1, *_SCHEMA_V2):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version=2")
+        for n, row in enumerate(rows):
+            conn.execute(
+                "INSERT INTO ops (key_fp, kind, body, created_ms, attempts, lease_owner, "
+                "lease_until_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            if n % 2:  # and a delivered row after some: the old ids have gaps
+                conn.execute(
+                    "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, ?, ?, ?)",
+                    (row[0], TRACK, "gone", NOW),
+                )
+                conn.execute("DELETE FROM ops WHERE body = 'gone'")
+        conn.execute(
+            "INSERT INTO dead_letters (key_fp, op_id, kind, body, created_ms, failed_ms, "
+            "attempts, status, reason) VALUES (?, 99, ?, ?, ?, ?, 1, 400, 'bad')",
+            (OTHER_KEY, TRACK, body(99), NOW - 50, NOW - 1),
+        )
+        conn.execute("INSERT INTO counters (key_fp, name, n) VALUES (?, 'evicted', 7)", (KEY,))
+        old = conn.execute(
+            "SELECT key_fp, id, kind, body, created_ms, attempts, lease_owner, lease_until_ms "
+            "FROM ops ORDER BY id"
+        ).fetchall()
+        assert conn.execute("SELECT key_fp, n FROM queue_sizes ORDER BY key_fp").fetchall() == [
+            (KEY, 4),
+            (OTHER_KEY, 3),
+        ]
+    by_key: dict[str, list[tuple[Any, ...]]] = {KEY: [], OTHER_KEY: []}
+    for key_fp, *rest in old:
+        by_key[key_fp].append(tuple(rest))
+    assert [r[0] for r in by_key[KEY]] != [1, 2, 3, 4]  # the old ids were not dense
+    return by_key
+
+
+def test_a_v2_file_is_migrated_to_a_table_per_key_with_ids_renumbered(db_path: str) -> None:
+    old = _write_v2_file(db_path)
+    ob = Outbox(db_path, KEY)
+    try:
+        ob.open()
+        assert ob.schema_version() == SCHEMA_VERSION == 3
+        assert raw(db_path, "PRAGMA user_version") == [(3,)]
+        assert not {"ops", "queue_sizes"} & tables(db_path)
+        assert raw(db_path, "SELECT name FROM sqlite_master WHERE type = 'trigger'") == []
+        assert raw(db_path, "SELECT name FROM sqlite_master WHERE name = 'ops_by_key'") == []
+        # Every key's rows, not only the opening client's, in order, renumbered 1..n.
+        for key_fp in (KEY, OTHER_KEY):
+            got = raw(
+                db_path,
+                "SELECT id, kind, body, created_ms, attempts, lease_owner, lease_until_ms "
+                f"FROM {_queue_table(key_fp)} ORDER BY id",
+            )
+            assert got == [(n, *row[1:]) for n, row in enumerate(old[key_fp], start=1)]
+        assert [row[0] for row in raw_bodies(db_path, KEY)] == [1, 2, 3, 4]
+        assert raw_ops(db_path, KEY)[1] == (1, "pid-9-abc", NOW + 5_000)
+        # The rest of the file is kept.
+        assert ob.stats().evicted == 7
+        stats = ob.stats()
+        assert (stats.pending_tracks, stats.pending_identifies) == (3, 1)
+        assert stats.oldest_created_ms == NOW - 40
+        # The lease came across: another owner waits for it, its holder can ack.
+        assert claim(ob, "owner-b", now_ms=NOW).rows == []
+        assert held(ob, "pid-9-abc", now_ms=NOW) == [1, 2]
+        assert ob.ack(1, 2, "pid-9-abc") == 2
+        # New ids follow the renumbered ones.
+        assert put(ob, 10) == 5
+    finally:
+        ob.close()
+    other = Outbox(db_path, OTHER_KEY)
+    try:
+        assert other.schema_version() == 3
+        assert [d.op_id for d in other.dead_letters()] == [99]
+        c = claim(other, "owner-b")
+        assert [(r.id, r.kind, r.body, r.attempts) for r in c.rows] == [(1, IDENTIFY, body(2), 2)]
+        assert other.last_id() == 3
+    finally:
+        other.close()
 
 
 # ---- reading ----
@@ -621,11 +903,14 @@ def test_last_id_and_pending_through(outbox: Outbox) -> None:
     assert outbox.pending_through(barrier) == 2
     later = put(outbox, 9)
     assert outbox.pending_through(barrier) == 2  # rows after the barrier do not count
-    outbox.ack(all_ids[0], all_ids[0])
+    assert outbox.pending_through(barrier, exact=False) == 1
+    assert held(outbox) == [*all_ids, later]
+    assert outbox.ack(all_ids[0], all_ids[0], "owner-a") == 1
     assert outbox.pending_through(barrier) == 1
-    outbox.dead_letter(all_ids[1], all_ids[1], 400, "bad", NOW)
+    assert outbox.dead_letter(all_ids[1], all_ids[1], "owner-a", 400, "bad", NOW) == 1
     assert outbox.pending_through(barrier) == 0
-    outbox.ack(later, later)
+    assert outbox.pending_through(barrier, exact=False) == 0
+    assert outbox.ack(later, later, "owner-a") == 1
     assert outbox.last_id() == all_ids[-1]
 
 
@@ -640,22 +925,24 @@ def test_stats(outbox: Outbox) -> None:
         empty.pending,
         empty.schema_version,
     ) == (0, 0, None, 0, 0, 0, SCHEMA_VERSION)
+    i = put(outbox, 3, created_ms=NOW + 5, kind=IDENTIFY)
     put(outbox, 1, created_ms=NOW)
     put(outbox, 2, created_ms=NOW - 50)  # created times need not follow ids
-    i = put(outbox, 3, created_ms=NOW + 5, kind=IDENTIFY)
     put(outbox, 4, created_ms=NOW - 10, kind=IDENTIFY)
     s = outbox.stats()
     assert (s.pending_tracks, s.pending_identifies, s.pending) == (2, 2, 4)
     assert s.oldest_created_ms == NOW - 50
-    outbox.dead_letter(i, i, 400, "bad", NOW)
+    assert held(outbox) == [i]
+    assert outbox.dead_letter(i, i, "owner-a", 400, "bad", NOW) == 1
     s = outbox.stats()
     assert (s.pending_tracks, s.pending_identifies, s.dead_letters) == (2, 1, 1)
 
 
 def test_dead_letters_oldest_first_with_limit(outbox: Outbox) -> None:
     all_ids = [put(outbox, n) for n in range(5)]
+    assert held(outbox) == all_ids
     for op_id in reversed(all_ids):  # dead-lettered newest op first
-        outbox.dead_letter(op_id, op_id, 400, f"bad {op_id}", NOW)
+        assert outbox.dead_letter(op_id, op_id, "owner-a", 400, f"bad {op_id}", NOW) == 1
     dead = outbox.dead_letters()
     assert [d.op_id for d in dead] == list(reversed(all_ids))
     assert [d.id for d in dead] == sorted(d.id for d in dead)
@@ -742,7 +1029,7 @@ def test_read_only_file_raises_store_error(tmp_path: Path) -> None:
         if code == 10:
             pytest.skip("could not make the file read-only for an unprivileged user")
         assert code == 0
-        assert raw(path, "SELECT count(*) FROM ops") == [(1,)]
+        assert raw(path, f"SELECT count(*) FROM {_queue_table(KEY)}") == [(1,)]
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -29,7 +29,7 @@ from typing import IO, Any, Callable, Optional
 
 import httpx
 import pytest
-from conftest import API_KEY
+from conftest import API_KEY, queue_table
 
 from whisperr_durable import DurableWhisperr, WhisperrError
 from whisperr_durable._client import key_fingerprint
@@ -258,7 +258,8 @@ def live_leases(db_path: str) -> int:
     conn = sqlite3.connect(db_path)
     try:
         ((n,),) = conn.execute(
-            "SELECT count(*) FROM ops WHERE lease_owner IS NOT NULL AND lease_until_ms > ?",
+            f"SELECT count(*) FROM {queue_table()} "
+            "WHERE lease_owner IS NOT NULL AND lease_until_ms > ?",
             (utc_now_ms(),),
         ).fetchall()
         return int(n)
@@ -375,6 +376,43 @@ def test_flush_in_a_process_that_does_not_lead_is_a_barrier_for_its_own_ops(
     done = leader.expect("done")
     assert done["flush"] == [0, None] and done["problems"] == [], done
     assert Counter(keys(fserver.events)) == expected(("A", 40), ("B", 5))
+
+
+_COUNT_QUEUED = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], timeout=10)
+try:
+    print(conn.execute(sys.argv[2]).fetchone()[0])
+finally:
+    conn.close()  # the last connection of this process: SQLite may checkpoint here
+"""
+
+
+def queued_as_another_process_sees_it(db_path: str) -> str:
+    """How many ops of API_KEY a separate process that opens, reads and closes the file
+    finds (as ``whisperr-durable status`` does), or the error it met."""
+    run = subprocess.run(
+        [sys.executable, "-c", _COUNT_QUEUED, db_path, f"SELECT count(*) FROM {queue_table()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return run.stdout.strip() or run.stderr.strip().splitlines()[-1]
+
+
+def test_ops_tracked_after_another_process_looked_at_the_file_are_not_lost(
+    clients: Callable[..., DurableWhisperr], fserver: FlightServer, db_path: str
+) -> None:
+    client = clients(flush_at=100_000, flush_interval=3600.0)
+    client.track("u1", "delivered", {"p": "a", "i": 0})
+    assert client.flush(timeout=10).ok  # the sender has opened its connection too
+    for i in range(1, 6):
+        client.track("u1", "queued", {"p": "a", "i": i})
+    assert queued_as_another_process_sees_it(db_path) == "5"
+    for i in range(6, 11):
+        client.track("u1", "queued", {"p": "a", "i": i})
+    assert client.stats().pending == 10
+    assert queued_as_another_process_sees_it(db_path) == "10"
 
 
 # ---- crashes and stale locks ----

@@ -84,7 +84,7 @@ class OutboxFile:
         return OutboxStatus(
             path=self.path,
             file_bytes=size,
-            schema_version=self._outbox.stats().schema_version,
+            schema_version=self._outbox.schema_version(),
             keys=[self._key_status(report) for report in reports],
         )
 

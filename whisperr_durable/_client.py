@@ -57,6 +57,8 @@ OnError = Callable[[WhisperrError], None]
 _TRACK_FIELDS = ("external_user_id", "event_type", "properties", "context")
 # Ops per transaction in track_many(): large enough to make a commit's cost negligible.
 _BULK_CHUNK = 1_000
+# Ops appended between two checkpoints asked of the sender (about a page each in the WAL).
+_CHECKPOINT_EVERY = 1_000
 
 
 def key_fingerprint(api_key: str) -> str:
@@ -154,7 +156,7 @@ class DurableWhisperr:
             report_store=lambda message: self._emit(WhisperrError("store_error", message)),
         )
         self._deferred: deque[WhisperrError] = deque()
-        self._since_wake = 0
+        self._since_wake = self._since_checkpoint = 0
         self._store_errors = 0
         self._evicted_unlogged = 0
         self._eviction_quiet_until = 0.0
@@ -366,7 +368,7 @@ class DurableWhisperr:
         """Store ``(kind, body, created_ms)`` ops in one transaction; returns how many."""
         error: Optional[str] = None
         stored = evicted = lost = 0
-        wake = False
+        wake = checkpoint = False
         with self._lock:
             held = bool(self._overflow)
             try:
@@ -388,9 +390,13 @@ class DurableWhisperr:
             else:
                 stored = len(ops)
                 self._since_wake += stored
+                self._since_checkpoint += stored
                 wake = self._since_wake >= self._options.flush_at
                 if wake:
-                    self._since_wake = 0
+                    self._since_wake = self._since_checkpoint = 0
+                checkpoint = self._since_checkpoint >= _CHECKPOINT_EVERY
+                if checkpoint:
+                    self._since_checkpoint = 0
         if error is not None:
             log.warning(
                 "whisperr_durable: the outbox cannot be written (%s); holding up to %d ops in "
@@ -415,6 +421,8 @@ class DurableWhisperr:
             self._sender.start()
             if wake:
                 self._sender.wake()
+            elif checkpoint:
+                self._sender.checkpoint_soon()
         return stored
 
     def _note_eviction(self, evicted: int) -> None:
@@ -483,7 +491,7 @@ class DurableWhisperr:
     def _after_fork_in_child(self) -> None:
         # Another thread may have held the lock at fork time; it never unlocks in the child.
         self._lock = threading.Lock()
-        self._since_wake = 0
+        self._since_wake = self._since_checkpoint = 0
         self._overflow.clear()  # the parent still holds these and will store them
         self._sender.after_fork()
 

@@ -1,16 +1,18 @@
 """The outbox: the only module that speaks SQL.
 
-One SQLite file in WAL mode holds the queue of ops (``ops``), the ops the server refused
-(``dead_letters``, bounded) and a few counters. Each row of ``ops`` is the final wire JSON of
-one op, tagged with a fingerprint of the API key it was enqueued with, so a client only ever
-sees and sends its own key's rows. Rows are claimed for sending with a lease (owner + wall
-clock expiry) so that no two senders, threads or processes, send the same rows at once.
+One SQLite file in WAL mode holds a queue of ops per API key (table ``"ops:<fingerprint>"``),
+the ops the server refused (``dead_letters``, bounded) and a few counters. Each row of a queue
+is the final wire JSON of one op; a client only ever sees and sends its own key's queue. Rows
+are claimed for sending with a lease (owner + wall clock expiry) so that no two senders,
+threads or processes, send the same rows at once.
 
 Every public method raises :class:`StoreError` (never ``sqlite3.Error``) on failure.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import sqlite3
@@ -20,7 +22,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from ._options import MAX_LEASE
 from ._wire import IDENTIFY, TRACK
@@ -84,16 +86,62 @@ _SCHEMA_V2 = (
     ) WITHOUT ROWID""",
 )
 
+# One table per key, so that an append writes one page: no index on the key, no trigger
+# kept count, no AUTOINCREMENT sequence. A new id is one above the newest queued row, so ids
+# grow by one per op and the id window bounds the queue; the id of a deleted newest row can
+# come back, so the sender names rows by id and lease owner, never by id alone.
+_CREATE_QUEUE = """CREATE TABLE IF NOT EXISTS {table} (
+    id INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until_ms INTEGER NOT NULL DEFAULT 0
+)"""
+_QUEUE_PREFIX = "ops:"
+
+
+def _queue_table(key_fp: str) -> str:
+    """The quoted name of one key's queue table."""
+    return '"' + (_QUEUE_PREFIX + key_fp).replace('"', '""') + '"'
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _to_v3(conn: sqlite3.Connection) -> None:
+    """From one ``ops`` table for all keys to a table per key, ids renumbered 1..n in order
+    (so that the id window of each key starts dense)."""
+    for (key_fp,) in conn.execute("SELECT DISTINCT key_fp FROM ops").fetchall():
+        table = _queue_table(key_fp)
+        conn.execute(_CREATE_QUEUE.format(table=table))
+        conn.execute(
+            f"INSERT INTO {table} (kind, body, created_ms, attempts, lease_owner, "
+            "lease_until_ms) SELECT kind, body, created_ms, attempts, lease_owner, "
+            "lease_until_ms FROM ops WHERE key_fp = ? ORDER BY id",
+            (key_fp,),
+        )
+    conn.execute("DROP TABLE ops")  # with its index and triggers
+    conn.execute("DROP TABLE queue_sizes")
+
+
 # _MIGRATIONS[n] takes a file from schema version n to n + 1, in one transaction.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
+_MIGRATIONS: tuple[Union[tuple[str, ...], Callable[[sqlite3.Connection], None]], ...] = (
+    _SCHEMA_V1,
+    _SCHEMA_V2,
+    _to_v3,
+)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 # SQLite's words for a file that is not (or no longer) a usable database.
 _CORRUPT = ("file is not a database", "database disk image is malformed")
 
-# Callers never checkpoint in the normal run of things (the sender does, off their
-# thread); this bound only stops the WAL growing without end if the sender cannot.
-_CALLER_AUTOCHECKPOINT_PAGES = 10_000
+# No commit checkpoints in the normal run of things: the sender does, after its commits and
+# when callers ask it to, outside any transaction. This bound only stops the WAL growing
+# without end if the sender cannot.
+_AUTOCHECKPOINT_PAGES = 10_000
 _WAL_SIZE_LIMIT = 4 * 1024 * 1024
 # The most rows one append evicts; a bulk append of more rows evicts as many as it added.
 _EVICT_PER_CALL = 1_000
@@ -235,8 +283,14 @@ def _create_private_file(path: str) -> None:
     for directory in reversed(missing):
         with suppress(FileExistsError):
             os.mkdir(directory, 0o700)
-    # Created 0600 before SQLite opens it; an existing file keeps its mode.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    # Created 0600 before SQLite opens it; an existing file keeps its mode, and is never
+    # opened here: closing any descriptor of a file drops every POSIX lock this process
+    # holds on it, SQLite's included, and another process could then checkpoint and delete
+    # the WAL our connections still write to.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
     os.close(fd)
 
 
@@ -254,7 +308,6 @@ class Outbox:
         fsync: bool = False,
         store_timeout: float = 5.0,
         max_dead_letters: int = 1000,
-        autocheckpoint: bool = False,
         report: Optional[Callable[[str], None]] = None,
         inspect_only: bool = False,
     ) -> None:
@@ -262,10 +315,10 @@ class Outbox:
         make an outbox of a file that is not one, never move a corrupt one aside."""
         self.path = path
         self.key_fp = key_fp
+        self._table = _queue_table(key_fp)
         self._fsync = fsync
         self._store_timeout = store_timeout
         self._max_dead_letters = max_dead_letters
-        self._autocheckpoint = autocheckpoint
         self._report = report
         self._inspect_only = inspect_only
         self._version = 0
@@ -274,6 +327,7 @@ class Outbox:
         self._inode = 0
         # Held around every use of the connection, so that a fork can wait for it to be idle.
         self._guard = threading.RLock()
+        self._file_lock = _file_lock(path)
         _live_outboxes.add(self)
 
     # ---- connection ----
@@ -327,12 +381,12 @@ class Outbox:
                 return conn
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
             conn.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
-            pages = 1000 if self._autocheckpoint else _CALLER_AUTOCHECKPOINT_PAGES
-            conn.execute(f"PRAGMA wal_autocheckpoint={pages}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             # A WAL file that grew during a burst is cut back to this after a checkpoint.
             conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             self._migrate(conn)
             self._version = SCHEMA_VERSION
+            self._retry_busy(lambda: conn.execute(_CREATE_QUEUE.format(table=self._table)))
         except BaseException:
             conn.close()
             raise
@@ -391,9 +445,12 @@ class Outbox:
         self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = self._check_version(conn)
-            for statements in _MIGRATIONS[version:]:
-                for statement in statements:
-                    conn.execute(statement)
+            for step in _MIGRATIONS[version:]:
+                if callable(step):
+                    step(conn)
+                else:
+                    for statement in step:
+                        conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
@@ -416,17 +473,33 @@ class Outbox:
 
     @contextmanager
     def _write(self, *, same_file: bool = False) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
-        with self._guard, self._sqlite_errors():
-            conn = self._connection(same_file=same_file)
-            self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error.
+
+        The threads of this process take turns on the file lock here, in order, rather than
+        meet SQLITE_BUSY and sleep; only other processes are waited for by polling.
+        """
+        with self._guard:
+            if not self._file_lock.acquire(timeout=self._store_timeout):
+                raise StoreError("database is locked (by another thread of this process)")
             try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+                conn = self._connection(same_file=same_file)
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc):
+                        raise
+                    self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                raise self._store_error(exc) from exc
+            finally:
+                self._file_lock.release()
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         with self._guard, self._sqlite_errors():
@@ -472,40 +545,36 @@ class Outbox:
         Returns ``(id, evicted)``.
         """
         with self._write() as conn:
-            cursor = conn.execute(
-                "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, ?, ?, ?)",
-                (self.key_fp, kind, body, created_ms),
-            )
-            op_id = cursor.lastrowid or 0
-            evicted = self._bound(conn, max_queue_size)
-        return op_id, evicted
+            op_id = conn.execute(
+                f"INSERT INTO {self._table} (kind, body, created_ms) VALUES (?, ?, ?)",
+                (kind, body, created_ms),
+            ).lastrowid
+            return op_id or 0, self._bound(conn, op_id or 0, max_queue_size, 1)
 
     def append_many(self, ops: Sequence[tuple[int, str, int]], max_queue_size: int) -> int:
         """Store ``(kind, body, created_ms)`` ops in one transaction; returns the evicted count."""
         with self._write() as conn:
             conn.executemany(
-                "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, ?, ?, ?)",
-                [(self.key_fp, kind, body, created_ms) for kind, body, created_ms in ops],
+                f"INSERT INTO {self._table} (kind, body, created_ms) VALUES (?, ?, ?)", ops
             )
-            return self._bound(conn, max_queue_size, len(ops))
+            ((newest,),) = conn.execute(f"SELECT max(id) FROM {self._table}").fetchall()
+            return self._bound(conn, newest or 0, max_queue_size, len(ops))
 
-    def _bound(self, conn: sqlite3.Connection, max_queue_size: int, added: int = 1) -> int:
-        (size,) = conn.execute(
-            "SELECT n FROM queue_sizes WHERE key_fp = ?", (self.key_fp,)
-        ).fetchone()
-        if size <= max_queue_size:
+    def _bound(self, conn: sqlite3.Connection, newest: int, max_queue_size: int, added: int) -> int:
+        # The newest max_queue_size ops have ids above newest - max_queue_size; anything at or
+        # below is older than the bound keeps. A queue far over this client's bound (left by
+        # a client with a larger one) shrinks over several calls, so that no one call holds
+        # the caller for long.
+        cutoff = newest - max_queue_size
+        if cutoff <= 0:
             return 0
-        # A file far over this client's bound (left by a client with a larger one) shrinks
-        # over several calls, so that no one call holds the caller for long.
-        return self._evict(conn, min(size - max_queue_size, max(added, _EVICT_PER_CALL)))
-
-    def _evict(self, conn: sqlite3.Connection, count: int) -> int:
         evicted = conn.execute(
-            "DELETE FROM ops WHERE id IN "
-            "(SELECT id FROM ops WHERE key_fp = ? ORDER BY id LIMIT ?)",
-            (self.key_fp, count),
+            f"DELETE FROM {self._table} WHERE id <= ? AND id < "
+            f"(SELECT min(id) FROM {self._table}) + ?",
+            (cutoff, max(added, _EVICT_PER_CALL)),
         ).rowcount
-        self._bump(conn, "evicted", evicted)
+        if evicted:
+            self._bump(conn, "evicted", evicted)
         return evicted
 
     def _bump(self, conn: sqlite3.Connection, name: str, by: int) -> None:
@@ -539,8 +608,8 @@ class Outbox:
         with self._write() as conn:
             head = conn.execute(
                 "SELECT id, kind, body, created_ms, attempts, lease_owner, lease_until_ms "
-                "FROM ops WHERE key_fp = ? ORDER BY id LIMIT ?",
-                (self.key_fp, max_rows),
+                f"FROM {self._table} ORDER BY id LIMIT ?",
+                (max_rows,),
             ).fetchall()
             batch: list[Row] = []
             expired: list[int] = []
@@ -566,68 +635,79 @@ class Outbox:
                 batch.append(Row(op_id, kind, body, created_ms, attempts))
                 size += len(body) + 2
             for op_id in expired:
-                self._move_to_dead_letters(conn, op_id, op_id, None, _EXPIRED, now_ms)
+                self._move_to_dead_letters(conn, op_id, op_id, None, None, _EXPIRED, now_ms)
             if batch:
                 conn.execute(
-                    "UPDATE ops SET lease_owner = ?, lease_until_ms = ? "
-                    "WHERE key_fp = ? AND id BETWEEN ? AND ?",
-                    (owner, now_ms + lease_ms, self.key_fp, batch[0].id, batch[-1].id),
+                    f"UPDATE {self._table} SET lease_owner = ?, lease_until_ms = ? "
+                    "WHERE id BETWEEN ? AND ?",
+                    (owner, now_ms + lease_ms, batch[0].id, batch[-1].id),
                 )
         return Claim(batch, len(expired))
 
-    def ack(self, first_id: int, last_id: int) -> int:
-        """Delete a delivered run of rows (already-evicted ones are simply gone)."""
+    def ack(self, first_id: int, last_id: int, owner: str) -> int:
+        """Delete a delivered run of rows that ``owner`` still holds (rows evicted since, or
+        taken over by another sender, are not touched)."""
         with self._write(same_file=True) as conn:
             return conn.execute(
-                "DELETE FROM ops WHERE key_fp = ? AND id BETWEEN ? AND ?",
-                (self.key_fp, first_id, last_id),
+                f"DELETE FROM {self._table} WHERE id BETWEEN ? AND ? AND lease_owner = ?",
+                (first_id, last_id, owner),
             ).rowcount
 
     def renew(self, first_id: int, last_id: int, owner: str, until_ms: int) -> int:
         """Extend our lease on a run of rows; returns how many rows we still hold."""
         with self._write(same_file=True) as conn:
             return conn.execute(
-                "UPDATE ops SET lease_until_ms = ? "
-                "WHERE key_fp = ? AND id BETWEEN ? AND ? AND lease_owner = ?",
-                (until_ms, self.key_fp, first_id, last_id, owner),
+                f"UPDATE {self._table} SET lease_until_ms = ? "
+                "WHERE id BETWEEN ? AND ? AND lease_owner = ?",
+                (until_ms, first_id, last_id, owner),
             ).rowcount
 
     def release(self, first_id: int, last_id: int, owner: str, *, failed: bool) -> None:
         """Give back a leased run, counting one more failed attempt if ``failed``."""
         with self._write(same_file=True) as conn:
             conn.execute(
-                "UPDATE ops SET lease_owner = NULL, lease_until_ms = 0, attempts = attempts + ? "
-                "WHERE key_fp = ? AND id BETWEEN ? AND ? AND lease_owner = ?",
-                (int(failed), self.key_fp, first_id, last_id, owner),
+                f"UPDATE {self._table} SET lease_owner = NULL, lease_until_ms = 0, "
+                "attempts = attempts + ? WHERE id BETWEEN ? AND ? AND lease_owner = ?",
+                (int(failed), first_id, last_id, owner),
             )
 
     def dead_letter(
-        self, first_id: int, last_id: int, status: Optional[int], reason: str, now_ms: int
+        self,
+        first_id: int,
+        last_id: int,
+        owner: str,
+        status: Optional[int],
+        reason: str,
+        now_ms: int,
     ) -> int:
-        """Move a run of rows the server refused to the (bounded) dead-letter table."""
+        """Move a run of rows the server refused, that ``owner`` holds, to the (bounded)
+        dead-letter table."""
         with self._write(same_file=True) as conn:
-            return self._move_to_dead_letters(conn, first_id, last_id, status, reason, now_ms)
+            return self._move_to_dead_letters(
+                conn, first_id, last_id, owner, status, reason, now_ms
+            )
 
     def _move_to_dead_letters(
         self,
         conn: sqlite3.Connection,
         first_id: int,
         last_id: int,
+        owner: Optional[str],
         status: Optional[int],
         reason: str,
         now_ms: int,
     ) -> int:
+        held = owner is not None
+        where = "WHERE id BETWEEN ? AND ?" + (" AND lease_owner = ?" if held else "")
+        rows = (first_id, last_id, owner) if held else (first_id, last_id)
         conn.execute(
             "INSERT INTO dead_letters "
             "(key_fp, op_id, kind, body, created_ms, failed_ms, attempts, status, reason) "
-            "SELECT key_fp, id, kind, body, created_ms, ?, attempts + 1, ?, ? FROM ops "
-            "WHERE key_fp = ? AND id BETWEEN ? AND ? ORDER BY id",
-            (now_ms, status, reason, self.key_fp, first_id, last_id),
+            f"SELECT ?, id, kind, body, created_ms, ?, attempts + 1, ?, ? FROM {self._table} "
+            f"{where} ORDER BY id",
+            (self.key_fp, now_ms, status, reason, *rows),
         )
-        moved = conn.execute(
-            "DELETE FROM ops WHERE key_fp = ? AND id BETWEEN ? AND ?",
-            (self.key_fp, first_id, last_id),
-        ).rowcount
+        moved = conn.execute(f"DELETE FROM {self._table} {where}", rows).rowcount
         # Keep this key's newest max_dead_letters.
         conn.execute(
             "DELETE FROM dead_letters WHERE key_fp = ? AND id <= (SELECT id FROM dead_letters "
@@ -640,41 +720,39 @@ class Outbox:
 
     def last_id(self) -> int:
         """The id of this key's newest queued op (0 if none): a barrier for flush()."""
-        ((last,),) = self._read("SELECT max(id) FROM ops WHERE key_fp = ?", (self.key_fp,))
+        ((last,),) = self._read(f"SELECT max(id) FROM {self._table}")
         return int(last or 0)
 
     def pending_through(self, last_id: int, *, exact: bool = True) -> int:
         """How many of this key's ops with ids up to ``last_id`` are still queued
         (``exact=False``: 0 or 1, whether there is any, at no cost on a large backlog)."""
-        sql = "SELECT count(*) FROM ops WHERE key_fp = ? AND id <= ?"
-        if not exact:
-            sql = "SELECT count(*) FROM (SELECT 1 FROM ops WHERE key_fp = ? AND id <= ? LIMIT 1)"
-        ((count,),) = self._read(sql, (self.key_fp, last_id))
+        if exact:
+            sql = f"SELECT count(*) FROM {self._table} WHERE id <= ?"
+        else:
+            sql = f"SELECT EXISTS (SELECT 1 FROM {self._table} WHERE id <= ?)"
+        ((count,),) = self._read(sql, (last_id,))
         return int(count)
 
+    def schema_version(self) -> int:
+        ((version,),) = self._read("PRAGMA user_version")
+        return int(version)
+
     def stats(self) -> Stats:
-        kinds = dict(
-            self._read(
-                "SELECT kind, count(*) FROM ops WHERE key_fp = ? GROUP BY kind", (self.key_fp,)
-            )
-        )
-        ((oldest,),) = self._read(
-            "SELECT min(created_ms) FROM ops WHERE key_fp = ?", (self.key_fp,)
-        )
+        kinds = dict(self._read(f"SELECT kind, count(*) FROM {self._table} GROUP BY kind"))
+        ((oldest,),) = self._read(f"SELECT min(created_ms) FROM {self._table}")
         ((dead,),) = self._read(
             "SELECT count(*) FROM dead_letters WHERE key_fp = ?", (self.key_fp,)
         )
         evicted = self._read(
             "SELECT n FROM counters WHERE key_fp = ? AND name = 'evicted'", (self.key_fp,)
         )
-        ((version,),) = self._read("PRAGMA user_version")
         return Stats(
             pending_tracks=int(kinds.get(TRACK, 0)),
             pending_identifies=int(kinds.get(IDENTIFY, 0)),
             oldest_created_ms=oldest,
             dead_letters=int(dead),
             evicted=int(evicted[0][0]) if evicted else 0,
-            schema_version=int(version),
+            schema_version=self.schema_version(),
         )
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
@@ -698,6 +776,22 @@ class Outbox:
 
     # ---- the whole file, for operators (``key_fp=None``: every key) ----
 
+    def _queues(self, key_fp: Optional[str]) -> list[tuple[str, str]]:
+        """``(key_fp, quoted table name)`` of the queues in the file, or of one key's."""
+        if self._version < 3:  # a file of an older SDK, looked at: one table for all keys
+            fps = self._read(
+                "SELECT DISTINCT key_fp FROM ops" + (" WHERE key_fp = ?" if key_fp else ""),
+                (key_fp,) if key_fp else (),
+            )
+            return [(fp, f"(SELECT * FROM ops WHERE key_fp = {_literal(fp)})") for (fp,) in fps]
+        names = self._read(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, ?) = ? "
+            "ORDER BY name",
+            (len(_QUEUE_PREFIX), _QUEUE_PREFIX),
+        )
+        fps = [name[len(_QUEUE_PREFIX) :] for (name,) in names]
+        return [(fp, _queue_table(fp)) for fp in fps if key_fp is None or fp == key_fp]
+
     def key_reports(self, key_fp: Optional[str], now_ms: int) -> list[KeyReport]:
         where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
         reports: dict[str, dict[str, Any]] = {}
@@ -705,21 +799,20 @@ class Outbox:
         def report(fp: str) -> dict[str, Any]:
             return reports.setdefault(fp, {"key_fp": fp})
 
-        for fp, kind, count, oldest in self._read(
-            f"SELECT key_fp, kind, count(*), min(created_ms) FROM ops {where} "
-            "GROUP BY key_fp, kind",
-            params,
-        ):
-            r = report(fp)
-            r["identifies" if kind == IDENTIFY else "tracks"] = count
-            r["oldest_ms"] = min(oldest, r.get("oldest_ms", oldest))
-        leased_where = f"{where} {'AND' if where else 'WHERE'} lease_owner IS NOT NULL AND "
-        for fp, count, owner, until in self._read(
-            f"SELECT key_fp, count(*), max(lease_owner), max(lease_until_ms) FROM ops "
-            f"{leased_where} lease_until_ms > ? GROUP BY key_fp",
-            (*params, now_ms),
-        ):
-            report(fp).update(leased=count, lease_owner=owner, lease_until_ms=until)
+        for fp, table in self._queues(key_fp):
+            for kind, count, oldest in self._read(
+                f"SELECT kind, count(*), min(created_ms) FROM {table} GROUP BY kind"
+            ):
+                r = report(fp)
+                r["identifies" if kind == IDENTIFY else "tracks"] = count
+                r["oldest_ms"] = min(oldest, r.get("oldest_ms", oldest))
+            ((count, owner, until),) = self._read(
+                f"SELECT count(*), max(lease_owner), max(lease_until_ms) FROM {table} "
+                "WHERE lease_owner IS NOT NULL AND lease_until_ms > ?",
+                (now_ms,),
+            )
+            if count:
+                report(fp).update(leased=count, lease_owner=owner, lease_until_ms=until)
         for fp, count in self._read(
             f"SELECT key_fp, count(*) FROM dead_letters {where} GROUP BY key_fp", params
         ):
@@ -744,13 +837,17 @@ class Outbox:
         return [KeyReport.from_parts(r) for _, r in sorted(reports.items())]
 
     def queued(self, limit: int, key_fp: Optional[str]) -> list[Any]:
-        """``(id, key_fp, kind, body, created_ms, attempts)`` of the next ops, in id order."""
-        where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
-        return self._read(
-            f"SELECT id, key_fp, kind, body, created_ms, attempts FROM ops {where} "
-            "ORDER BY id LIMIT ?",
-            (*params, limit),
-        )
+        """``(id, key_fp, kind, body, created_ms, attempts)`` of the next ops: each key's in
+        delivery (id) order, the keys' merged by age."""
+        queues = [
+            self._read(
+                f"SELECT id, ?, kind, body, created_ms, attempts FROM {table} "
+                "ORDER BY id LIMIT ?",
+                (fp, limit),
+            )
+            for fp, table in self._queues(key_fp)
+        ]
+        return list(itertools.islice(heapq.merge(*queues, key=lambda r: r[4]), limit))
 
     def all_dead_letters(self, limit: Optional[int], key_fp: Optional[str]) -> list[DeadLetter]:
         where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
@@ -769,11 +866,25 @@ class Outbox:
         with self._write() as conn:
             moved = 0
             for where, params in _dead_letter_filters(ids, key_fp):
-                conn.execute(
-                    "INSERT INTO ops (key_fp, kind, body, created_ms) "
-                    f"SELECT key_fp, kind, body, created_ms FROM dead_letters {where} ORDER BY id",
-                    params,
-                )
+                if self._version < 3:  # a file of an older SDK, looked at
+                    conn.execute(
+                        "INSERT INTO ops (key_fp, kind, body, created_ms) SELECT key_fp, kind, "
+                        f"body, created_ms FROM dead_letters {where} ORDER BY id",
+                        params,
+                    )
+                    keys = []
+                else:
+                    keys = conn.execute(
+                        f"SELECT DISTINCT key_fp FROM dead_letters {where}", params
+                    ).fetchall()
+                for (fp,) in keys:
+                    table = _queue_table(fp)
+                    conn.execute(_CREATE_QUEUE.format(table=table))
+                    conn.execute(
+                        f"INSERT INTO {table} (kind, body, created_ms) SELECT kind, body, "
+                        f"created_ms FROM dead_letters {where} AND key_fp = ? ORDER BY id",
+                        (*params, fp),
+                    )
                 moved += conn.execute(f"DELETE FROM dead_letters {where}", params).rowcount
             return moved
 
@@ -795,6 +906,14 @@ class Outbox:
 # a fork, wait for every outbox to be idle and close its connection; each reopens on use.
 _live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
 _held_for_fork: list[Outbox] = []
+# One lock per file for the write transactions of all threads of this process.
+_file_locks: dict[str, threading.Lock] = {}
+_file_locks_guard = threading.Lock()
+
+
+def _file_lock(path: str) -> threading.Lock:
+    with _file_locks_guard:
+        return _file_locks.setdefault(os.path.abspath(path), threading.Lock())
 _FORK_WAIT = 1.0
 
 
@@ -816,8 +935,12 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     # Every guard afresh: one we could not take is held by a thread the child does not have.
     _held_for_fork.clear()
+    global _file_locks_guard
+    _file_locks_guard = threading.Lock()
+    _file_locks.clear()
     for outbox in list(_live_outboxes):
         outbox._guard = threading.RLock()
+        outbox._file_lock = _file_lock(outbox.path)
 
 
 if hasattr(os, "register_at_fork"):

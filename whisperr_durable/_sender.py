@@ -102,6 +102,7 @@ class Sender:
         self._pid = os.getpid()
         self._owner = f"{self._pid}-{os.urandom(6).hex()}"
         self._wake = threading.Event()
+        self._send_wanted = False
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
@@ -124,6 +125,12 @@ class Sender:
     # ---- control, from caller threads ----
 
     def wake(self) -> None:
+        self._send_wanted = True
+        self._wake.set()
+
+    def checkpoint_soon(self) -> None:
+        """Wake the thread to checkpoint the WAL (and not to send), so that no caller's
+        commit ever has to."""
         self._wake.set()
 
     def start(self) -> bool:
@@ -236,7 +243,6 @@ class Sender:
             fsync=self._options.fsync,
             store_timeout=self._options.store_timeout,
             max_dead_letters=self._options.max_dead_letters,
-            autocheckpoint=True,
             report=self._report_store,
         )
 
@@ -245,13 +251,15 @@ class Sender:
         wakes = 0
         try:
             while not self._stop.is_set():
-                self._wake.wait(self._next_wait())
+                woken = self._wake.wait(self._next_wait())
                 self._wake.clear()
+                send, self._send_wanted = not woken or self._send_wanted, False
                 if self._stop.is_set():
                     break
                 try:
-                    self._on_wake()
-                    self._cycle(outbox)
+                    if send:
+                        self._on_wake()
+                        self._cycle(outbox)
                     # Now and then also empty the WAL file, so it cannot grow without bound.
                     wakes += 1
                     outbox.checkpoint(truncate=wakes % _TRUNCATE_EVERY == 0)
@@ -342,6 +350,7 @@ class Sender:
                 return
             outcome = self._deliver(outbox, claim.rows, deadline)
             self._record(outbox)  # before a flush waiter hears of it
+            outbox.checkpoint()  # a long drain keeps the WAL short, off the callers' commits
             if outcome is None:
                 self._failures = 0
             else:
@@ -403,7 +412,7 @@ class Sender:
             outcome = self._post(part, deadline)
             self._noted.append(None if outcome.kind == _retry.OK else outcome.detail)
             if outcome.kind == _retry.OK:
-                outbox.ack(first, last)
+                outbox.ack(first, last, self._owner)
                 log.debug("delivered %d op(s)", len(part))
             elif outcome.kind == _retry.DROP:
                 if len(part) > 1 and outcome.status in _SPLIT_STATUSES:
@@ -411,7 +420,9 @@ class Sender:
                     todo += [part[half:], part[:half]]
                     continue
                 now_ms = utc_now_ms()
-                moved = outbox.dead_letter(first, last, outcome.status, outcome.detail, now_ms)
+                moved = outbox.dead_letter(
+                    first, last, self._owner, outcome.status, outcome.detail, now_ms
+                )
                 if moved:  # none if they were evicted while in flight (reported then)
                     log.warning(
                         "whisperr_durable: the server refused %d op(s) (%s); "
