@@ -230,6 +230,21 @@ def test_flush_interval_triggers_delivery_without_a_flush(
     assert numbers(server.events) == [0, 1, 2]
 
 
+def test_flush_sends_at_once_not_at_the_next_poll(
+    server: DevServer, make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the sender's poll stretched far beyond the flush's timeout, only the flush's own
+    # wake-up can deliver in time.
+    monkeypatch.setattr(whisperr_durable._sender, "_POLL_WHILE_WAITING", 60.0)
+    client = make_client(flush_interval=3600.0)
+    client.track("u1", "first")
+    client._sender.start()
+    for i in range(3):
+        client.track("u1", "flushed", {"i": i})
+        assert client.flush(timeout=10).pending == 0
+    assert [e["event_type"] for e in server.events] == ["first", "flushed", "flushed", "flushed"]
+
+
 # ---- the request ----
 
 

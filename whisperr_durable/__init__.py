@@ -11,8 +11,8 @@ next client to open the same file delivers it, with the same ``$message_id``.
 """
 
 import logging
+from typing import TYPE_CHECKING, Any
 
-from ._admin import KeyStatus, OutboxFile, OutboxStatus, QueuedOp
 from ._billing import BillingEvent
 from ._client import DurableWhisperr, Whisperr
 from ._errors import WhisperrError
@@ -38,5 +38,20 @@ __all__ = [
     "WhisperrError",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from ._admin import KeyStatus, OutboxFile, OutboxStatus, QueuedOp
+
+# The operators' view of a file is imported on first use: a client does not need it.
+_ADMIN = ("KeyStatus", "OutboxFile", "OutboxStatus", "QueuedOp")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ADMIN:
+        from . import _admin
+
+        return getattr(_admin, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 logging.getLogger("whisperr_durable").addHandler(logging.NullHandler())

@@ -13,7 +13,6 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ._errors import WhisperrError
@@ -126,7 +125,7 @@ class DurableWhisperr:
             store_timeout=store_timeout,
             max_dead_letters=max_dead_letters,
             fsync=fsync,
-        )
+        ).checked()
         # Context keys added to every event, under the caller's keys.
         self._environment = {"sdk_name": SDK_NAME, "sdk_version": __version__}
         if app_version and app_version.strip():
@@ -293,6 +292,14 @@ class DurableWhisperr:
         """
         return self._flush(timeout, retry=True)
 
+    async def aflush(self, timeout: Optional[float] = None) -> FlushResult:
+        """``flush()`` for asyncio code: the wait happens in the loop's default executor, so
+        the event loop keeps running. Cancelling the await does not stop the flush, which
+        ends by itself within ``timeout``."""
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self.flush, timeout)
+
     def _flush(self, timeout: Optional[float], *, retry: bool) -> FlushResult:
         if self._disabled or not (self._overflow or os.path.exists(self._options.path)):
             return FlushResult()  # nothing was ever stored: do not create the file for this
@@ -348,7 +355,7 @@ class DurableWhisperr:
             return Stats(0, 0, None, 0, 0, 0)
         try:
             with self._lock:
-                return replace(self._outbox.stats(), store_errors=self._store_errors)
+                return self._outbox.stats()._replace(store_errors=self._store_errors)
         finally:
             self._emit_deferred()
 

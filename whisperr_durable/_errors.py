@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 
-@dataclass
 class WhisperrError:
     """Passed to the ``on_error`` callback (the official SDK's shape).
 
@@ -22,6 +20,21 @@ class WhisperrError:
       past ``store_timeout``); the op of that call was not stored.
     """
 
-    type: str
-    message: str
-    status: Optional[int] = None
+    __slots__ = ("message", "status", "type")
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+    def __init__(self, type: str, message: str, status: Optional[int] = None) -> None:
+        self.type = type
+        self.message = message
+        self.status = status
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WhisperrError):
+            return NotImplemented
+        return (self.type, self.message, self.status) == (other.type, other.message, other.status)
+
+    def __repr__(self) -> str:
+        return (
+            f"WhisperrError(type={self.type!r}, message={self.message!r}, "
+            f"status={self.status!r})"
+        )

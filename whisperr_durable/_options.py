@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_BASE_URL = "https://api.whisperr.net"
 DEFAULT_PATH = "~/.whisperr.db"
@@ -46,9 +46,8 @@ RETRY_AFTER_CAP = 60.0
 PAUSE_AFTER_FAILURE = 60.0
 
 
-@dataclass(frozen=True)
-class Options:
-    """Everything a client was configured with, validated and clamped."""
+class Options(NamedTuple):
+    """Everything a client was configured with (``checked()`` validates and clamps)."""
 
     api_key: str
     path: str
@@ -65,7 +64,8 @@ class Options:
     max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS
     fsync: bool = False
 
-    def __post_init__(self) -> None:
+    def checked(self) -> Options:
+        """These options, validated (``ValueError``) and clamped."""
         positive = {
             "flush_at": self.flush_at,
             "flush_interval": self.flush_interval,
@@ -85,8 +85,10 @@ class Options:
         for name, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{name} must not be negative, got {value!r}")
-        object.__setattr__(self, "max_batch_size", min(self.max_batch_size, MAX_BATCH_SIZE))
-        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        return self._replace(
+            max_batch_size=min(self.max_batch_size, MAX_BATCH_SIZE),
+            base_url=self.base_url.rstrip("/"),
+        )
 
     def __repr__(self) -> str:
         # Never show the key.

@@ -21,8 +21,7 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
-from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
 from ._options import MAX_LEASE
 from ._wire import IDENTIFY, TRACK
@@ -161,8 +160,7 @@ class StoreError(Exception):
     """The outbox file could not be read or written (disk full, read-only, locked, ...)."""
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     id: int
     kind: int
     body: str
@@ -170,16 +168,14 @@ class Row:
     attempts: int
 
 
-@dataclass(frozen=True)
-class Claim:
+class Claim(NamedTuple):
     """What one claim took: rows to send now, and expired rows it dead-lettered instead."""
 
     rows: list[Row]
     expired: int = 0
 
 
-@dataclass(frozen=True)
-class DeadLetter:
+class DeadLetter(NamedTuple):
     id: int
     op_id: int
     kind: str
@@ -192,8 +188,7 @@ class DeadLetter:
     key_fingerprint: str = ""
 
 
-@dataclass(frozen=True)
-class KeyReport:
+class KeyReport(NamedTuple):
     """One key's part of an outbox file, as ``key_reports`` reads it."""
 
     key_fp: str
@@ -247,8 +242,7 @@ def _dead_letter_filters(
         yield (f"WHERE id IN ({marks}){key_clause}", (*chunk, *key_params))
 
 
-@dataclass(frozen=True)
-class Stats:
+class Stats(NamedTuple):
     """What the outbox holds for one key; ``store_errors`` counts this process's failures."""
 
     pending_tracks: int

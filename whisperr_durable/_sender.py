@@ -13,8 +13,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 from . import _retry
 from ._errors import WhisperrError
@@ -53,8 +52,7 @@ _MIN_RETRY_DELAY = 0.01
 Pending = Callable[[bool], int]
 
 
-@dataclass(frozen=True)
-class FlushResult:
+class FlushResult(NamedTuple):
     """What ``flush()`` came to.
 
     ``pending`` ops enqueued before the flush are still in the outbox (0 means all were
@@ -172,7 +170,7 @@ class Sender:
         try:
             if not self.start():
                 return self._flush_inline(pending, deadline, retry)
-            self._wake.set()
+            self.wake()
             while True:
                 with self._cond:
                     seen = self._progress

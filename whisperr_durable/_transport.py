@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import httpx
 
@@ -20,8 +19,7 @@ log = logging.getLogger("whisperr_durable")
 USER_AGENT = f"whisperr-durable-python/{__version__}"
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What one request came to: a class from :mod:`._retry` and what the server said."""
 
     kind: str

@@ -17,7 +17,6 @@ from datetime import date, datetime
 from datetime import time as dtime
 from decimal import Decimal
 from typing import Any, Optional
-from uuid import UUID
 
 from ._options import MAX_OP_BYTES
 
@@ -56,6 +55,8 @@ def _second(seconds: int) -> str:
 
 def _json_default(value: Any) -> Any:
     """How values that ``json`` does not know are encoded (documented in the README)."""
+    from uuid import UUID  # here, not at import: few events carry one
+
     if isinstance(value, datetime):
         if value.tzinfo is None:
             return value.isoformat()

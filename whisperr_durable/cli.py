@@ -281,7 +281,7 @@ def _parsed_body(text: str) -> Any:
 
 
 def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
-    data = asdict(letter)
+    data = letter._asdict()
     data["body"] = _parsed_body(letter.body)
     return data
 
