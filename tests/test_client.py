@@ -800,3 +800,56 @@ def test_shutdown_stops_at_the_first_failure_and_keeps_the_rest(
     survivor = make_client()
     assert survivor.flush(timeout=5).ok
     assert sorted(e["properties"]["i"] for e in server.events) == [0, 1, 2]
+
+
+# ---- group commit ----
+
+
+def test_calls_from_several_threads_share_one_transaction(
+    server: DevServer, make_client: MakeClient
+) -> None:
+    client = make_client(fsync=True)
+    client.track("u0", "warm_up")
+    statements: list[str] = []
+    client._outbox._connection().set_trace_callback(statements.append)
+    threads = [
+        threading.Thread(target=client.track, args=(f"u{n}", "grouped", {"n": n}))
+        for n in range(1, 6)
+    ]
+    # While one commit is in progress (the client's lock held), the calls pile up...
+    with client._lock:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while client._group_added < 6 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert client._group_added == 6
+    # ...and the first to get the lock commits them all: one transaction, one fsync.
+    for thread in threads:
+        thread.join(10)
+    assert statements.count("COMMIT") == 1
+    assert client.flush(timeout=10).pending == 0
+    grouped = [e for e in server.events if e["event_type"] == "grouped"]
+    assert sorted(e["properties"]["n"] for e in grouped) == [1, 2, 3, 4, 5]
+
+
+def test_many_threads_lose_nothing_and_keep_each_threads_order(
+    server: DevServer, make_client: MakeClient
+) -> None:
+    client = make_client(fsync=True)
+
+    def work(n: int) -> None:
+        for i in range(100):
+            client.track(f"u{n}", "threaded", {"i": i})
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert client.flush(timeout=30).pending == 0
+    assert len(server.events) == 800
+    assert len(server.message_ids) == 800
+    for n in range(8):
+        mine = [e["properties"]["i"] for e in server.events if e["external_user_id"] == f"u{n}"]
+        assert mine == list(range(100))

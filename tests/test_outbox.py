@@ -1222,3 +1222,15 @@ def test_a_file_far_over_the_bound_shrinks_a_thousand_rows_a_call(db_path: str) 
         assert small.stats().pending == 10
     finally:
         small.close()
+
+
+def test_a_full_queue_makes_room_for_the_next_percent_at_once(outbox: Outbox) -> None:
+    limit = 200  # 1% of it: 2 more rows go with each eviction
+    results = [outbox.append(TRACK, body(n), NOW, limit) for n in range(limit + 6)]
+    evictions = [(n, evicted) for n, (_, evicted) in enumerate(results) if evicted]
+    # The 201st op evicts the oldest 3 (1 over the bound + 2); the next 2 fit; and so on.
+    assert evictions == [(200, 3), (203, 3)]
+    assert outbox.stats().evicted == 6
+    assert outbox.stats().pending == limit
+    first_id = results[0][0]
+    assert sorted(raw_ops(outbox.path)) == [first_id + n for n in range(6, limit + 6)]

@@ -74,6 +74,10 @@ class DurableWhisperr:
     process ends is delivered by the next client that opens the same file with the same key.
     """
 
+    _group: list[tuple[int, str, int]]
+    _group_added: int
+    _group_stored: int
+
     def __init__(
         self,
         api_key: Optional[str] = None,
@@ -162,6 +166,7 @@ class DurableWhisperr:
         # Ops that could not be stored (disk full, read-only, locked), oldest first; written
         # before any newer op as soon as the outbox takes writes again.
         self._overflow: deque[tuple[int, str, int]] = deque()
+        self._reset_group()
         self._closed = False
         self._clock_ms: Callable[[], int] = utc_now_ms
         _live_clients.add(self)
@@ -206,7 +211,7 @@ class DurableWhisperr:
         except Exception as exc:  # a caller's object can fail in any way while encoded
             self._invalid("track", exc)
             return
-        self._append([(TRACK, body, now_ms)])
+        self._append([(TRACK, body, now_ms)], group=True)
 
     def identify(
         self,
@@ -234,7 +239,7 @@ class DurableWhisperr:
         except Exception as exc:
             self._invalid("identify", exc)
             return
-        self._append([(IDENTIFY, body, self._clock_ms())])
+        self._append([(IDENTIFY, body, self._clock_ms())], group=True)
 
     def track_many(self, events: Iterable[Union[Sequence[Any], Mapping[str, Any]]]) -> int:
         """Record many events at a fraction of the cost of one ``track()`` each: the bulk path.
@@ -371,12 +376,29 @@ class DurableWhisperr:
 
     # ---- internals ----
 
-    def _append(self, ops: list[tuple[int, str, int]]) -> int:
-        """Store ``(kind, body, created_ms)`` ops in one transaction; returns how many."""
+    def _append(self, ops: list[tuple[int, str, int]], *, group: bool = False) -> int:
+        """Store ``(kind, body, created_ms)`` ops in one transaction; returns how many.
+
+        ``group``: commit them together with the ops other threads are appending at the same
+        moment (group commit: one transaction, one fsync with ``fsync=True``, for all of
+        them). The call still returns only once a transaction holding its ops committed.
+        """
         error: Optional[str] = None
         stored = evicted = lost = 0
         wake = checkpoint = False
+        if group:
+            with self._group_lock:
+                self._group.extend(ops)
+                self._group_added += len(ops)
+                ticket = self._group_added
         with self._lock:
+            if group:
+                if self._group_stored >= ticket:
+                    return len(ops)  # another thread's transaction took them
+                with self._group_lock:
+                    ops = list(self._group)
+                    self._group.clear()
+                    self._group_stored = self._group_added
             held = bool(self._overflow)
             try:
                 if held:  # older ops wait in memory: they go first
@@ -495,9 +517,17 @@ class DurableWhisperr:
         except Exception:  # the host's callback must never break delivery
             log.debug("on_error raised", exc_info=True)
 
+    def _reset_group(self) -> None:
+        # Ops of track()/identify() calls waiting for a transaction, and how many were
+        # added and taken into one, in all.
+        self._group_lock = threading.Lock()
+        self._group = []
+        self._group_added = self._group_stored = 0
+
     def _after_fork_in_child(self) -> None:
         # Another thread may have held the lock at fork time; it never unlocks in the child.
         self._lock = threading.Lock()
+        self._reset_group()  # the parent's threads store what they added
         self._since_wake = self._since_checkpoint = 0
         self._overflow.clear()  # the parent still holds these and will store them
         self._sender.after_fork()

@@ -141,7 +141,10 @@ _CORRUPT = ("file is not a database", "database disk image is malformed")
 # when callers ask it to, outside any transaction. This bound only stops the WAL growing
 # without end if the sender cannot.
 _AUTOCHECKPOINT_PAGES = 10_000
-_WAL_SIZE_LIMIT = 4 * 1024 * 1024
+# A checkpoint completes (and the WAL starts again) once the WAL holds this many pages, and
+# the WAL file keeps the size that takes: cutting it back would be paid by the next commit.
+_RESTART_WAL_FRAMES = 4_000
+_WAL_SIZE_LIMIT = 24 * 1024 * 1024
 # The most rows one append evicts; a bulk append of more rows evicts as many as it added.
 _EVICT_PER_CALL = 1_000
 
@@ -556,17 +559,18 @@ class Outbox:
 
     def _bound(self, conn: sqlite3.Connection, newest: int, max_queue_size: int, added: int) -> int:
         # The newest max_queue_size ops have ids above newest - max_queue_size; anything at or
-        # below is older than the bound keeps. A queue far over this client's bound (left by
-        # a client with a larger one) shrinks over several calls, so that no one call holds
-        # the caller for long.
+        # below is older than the bound keeps. A full queue also makes room for the next 1%
+        # of max_queue_size at once, so that calls at a full queue cost about what calls at
+        # an empty one do. A queue far over this client's bound (left by a client with a
+        # larger one) shrinks over several calls, so that no one call holds the caller long.
         cutoff = newest - max_queue_size
         if cutoff <= 0:
             return 0
-        evicted = conn.execute(
-            f"DELETE FROM {self._table} WHERE id <= ? AND id < "
-            f"(SELECT min(id) FROM {self._table}) + ?",
-            (cutoff, max(added, _EVICT_PER_CALL)),
-        ).rowcount
+        ((oldest,),) = conn.execute(f"SELECT min(id) FROM {self._table}").fetchall()
+        if oldest is None or oldest > cutoff:
+            return 0
+        top = min(cutoff + max_queue_size // 100, oldest + max(added, _EVICT_PER_CALL) - 1)
+        evicted = conn.execute(f"DELETE FROM {self._table} WHERE id <= ?", (top,)).rowcount
         if evicted:
             self._bump(conn, "evicted", evicted)
         return evicted
@@ -891,8 +895,25 @@ class Outbox:
             )
 
     def checkpoint(self, *, truncate: bool = False) -> None:
-        """Copy the WAL back into the database file (TRUNCATE also empties the WAL file)."""
-        self._read(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})")
+        """Copy the WAL back into the database file, while this process's writers go on.
+
+        Under a steady stream of commits such a checkpoint never catches up, and the WAL
+        file only grows until some caller's commit runs the automatic checkpoint (for
+        milliseconds). So once the WAL holds ``_RESTART_WAL_FRAMES``, the last few pages are
+        copied with this process's writers held back for a moment: the checkpoint completes
+        and the next commit starts the WAL again from its beginning. ``truncate``: do that
+        now, and also empty the WAL file.
+        """
+        ((_, frames, _),) = self._read("PRAGMA wal_checkpoint(PASSIVE)")
+        if frames < _RESTART_WAL_FRAMES and not truncate:
+            return
+        with self._guard:
+            if not self._file_lock.acquire(timeout=self._store_timeout):
+                return
+            try:
+                self._read(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})")
+            finally:
+                self._file_lock.release()
 
 
 # Fork: SQLite must not have a connection to the file open across fork(), or the child's

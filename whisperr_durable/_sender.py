@@ -41,8 +41,6 @@ _SPLIT_STATUSES = (400, 413)
 _POLL_WHILE_WAITING = 0.1
 # A lease outlives one request's timeout by this much.
 _LEASE_SLACK = 5.0
-# Every this many wake-ups the checkpoint also truncates the WAL file.
-_TRUNCATE_EVERY = 100
 # The soonest a failed request is tried again, whatever Retry-After says.
 _MIN_RETRY_DELAY = 0.01
 
@@ -246,7 +244,6 @@ class Sender:
 
     def _run(self) -> None:
         outbox = self._open_outbox()
-        wakes = 0
         try:
             while not self._stop.is_set():
                 woken = self._wake.wait(self._next_wait())
@@ -258,9 +255,7 @@ class Sender:
                     if send:
                         self._on_wake()
                         self._cycle(outbox)
-                    # Now and then also empty the WAL file, so it cannot grow without bound.
-                    wakes += 1
-                    outbox.checkpoint(truncate=wakes % _TRUNCATE_EVERY == 0)
+                    outbox.checkpoint()
                 except StoreError as exc:
                     self._log_store_error(str(exc))
                 except Exception:  # the thread must outlive any bug in one cycle
