@@ -889,11 +889,15 @@ def bench_eviction(ctx: Context) -> Result:
     ratio = f["median_us"] / e["median_us"]
     result.add("full/empty median", ratio, "x", "<= 1.2x", ratio <= 1.2)
     result.add("full/empty p99", f["p99_us"] / e["p99_us"], "x")
-    if full_stats.pending != size:
-        result.notes.append(f"the full queue held {full_stats.pending:,}, expected {size:,}")
+    if not size - size // 100 <= full_stats.pending <= size:
+        result.notes.append(
+            f"the full queue held {full_stats.pending:,}, expected {size - size // 100:,} to "
+            f"{size:,}"
+        )
     result.notes.append(
-        f"{rounds} interleaved rounds of {per_round:,} calls each; sender idle; every call "
-        f"on the full queue evicts one op (evicted in total: {full_stats.evicted:,})."
+        f"{rounds} interleaved rounds of {per_round:,} calls each; sender idle; the full queue "
+        f"evicts 1% of max_queue_size ({size // 100:,} ops) once per {size // 100:,} calls "
+        f"(evicted in total: {full_stats.evicted:,}; the p99 column shows those calls)."
     )
     return result
 

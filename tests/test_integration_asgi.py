@@ -1,0 +1,432 @@
+"""The Starlette / FastAPI integration, through the frameworks' real test clients."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional
+
+import pytest
+from conftest import MakeClient
+from fastapi import Depends, FastAPI
+from starlette.applications import Starlette
+from starlette.authentication import (
+    AuthCredentials,
+    AuthenticationBackend,
+    BaseUser,
+    SimpleUser,
+)
+from starlette.middleware import Middleware
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
+
+from whisperr_durable import DurableWhisperr
+from whisperr_durable.devserver import DevServer
+from whisperr_durable.integrations.asgi import (
+    BoundWhisperr,
+    WhisperrMiddleware,
+    default_user_id,
+    whisperr_dependency,
+)
+
+
+class Account(BaseUser):
+    """An app's own user class: an ``id`` and no ``identity``."""
+
+    def __init__(self, account_id: int) -> None:
+        self.id = account_id
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+
+class HeaderAuth(AuthenticationBackend):
+    """``X-User: alice`` gives SimpleUser("alice"); ``X-Account: 42`` gives Account(42)."""
+
+    async def authenticate(
+        self, conn: HTTPConnection
+    ) -> Optional[tuple[AuthCredentials, BaseUser]]:
+        if "x-user" in conn.headers:
+            return AuthCredentials(["authenticated"]), SimpleUser(conn.headers["x-user"])
+        if "x-account" in conn.headers:
+            return AuthCredentials(["authenticated"]), Account(int(conn.headers["x-account"]))
+        return None
+
+
+class StateUserMiddleware:
+    """An app's own auth: ``request.state.user`` from an ``X-State-User`` header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            user = HTTPConnection(scope).headers.get("x-state-user")
+            if user is not None:
+                scope.setdefault("state", {})["user"] = {"id": user}
+        await self.app(scope, receive, send)
+
+
+async def track_endpoint(request: Request) -> PlainTextResponse:
+    request.state.whisperr.track("page_viewed", {"path": request.url.path})
+    return PlainTextResponse(repr(request.state.whisperr))
+
+
+def user_ids(server: DevServer) -> list[str]:
+    return [event["external_user_id"] for event in server.events]
+
+
+def starlette_app(
+    client: DurableWhisperr, *, auth_outside: bool = False, **options: Any
+) -> Starlette:
+    middleware = [
+        Middleware(WhisperrMiddleware, client=client, **options),
+        Middleware(AuthenticationMiddleware, backend=HeaderAuth()),
+    ]
+    if auth_outside:
+        middleware.reverse()
+    return Starlette(routes=[Route("/", track_endpoint)], middleware=middleware)
+
+
+@pytest.mark.parametrize("auth_outside", [False, True], ids=["ours-outside", "auth-outside"])
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [({"X-User": "alice"}, "alice"), ({"X-Account": "42"}, "42")],
+    ids=["SimpleUser", "user-with-id"],
+)
+def test_authenticated_user_is_tracked(
+    make_client: MakeClient,
+    server: DevServer,
+    headers: dict[str, str],
+    expected: str,
+    auth_outside: bool,
+) -> None:
+    client = make_client()
+    with TestClient(starlette_app(client, auth_outside=auth_outside)) as http:
+        response = http.get("/", headers=headers)
+    assert response.status_code == 200
+    assert response.text == f"BoundWhisperr(user_id={expected!r})"
+    assert client.flush(timeout=10)
+    assert user_ids(server) == [expected]
+    assert server.events[0]["event_type"] == "page_viewed"
+    assert server.events[0]["properties"] == {"path": "/"}
+
+
+def test_no_user_queues_nothing(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+    bare = Starlette(
+        routes=[Route("/", track_endpoint)],
+        middleware=[Middleware(WhisperrMiddleware, client=client)],
+    )
+    with TestClient(starlette_app(client)) as http, TestClient(bare) as bare_http:
+        assert http.get("/").text == "BoundWhisperr(user_id=None)"  # UnauthenticatedUser
+        assert bare_http.get("/").text == "BoundWhisperr(user_id=None)"  # no auth at all
+    assert client.stats().pending == 0
+    assert client.flush(timeout=10)
+    assert server.events == []
+
+
+def test_state_user_from_the_apps_middleware(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+    app = Starlette(
+        routes=[Route("/", track_endpoint)],
+        middleware=[
+            Middleware(StateUserMiddleware),
+            Middleware(WhisperrMiddleware, client=client),
+        ],
+    )
+    with TestClient(app) as http:
+        assert http.get("/", headers={"X-State-User": "u-7"}).status_code == 200
+        assert http.get("/").status_code == 200
+    assert client.flush(timeout=10)
+    assert user_ids(server) == ["u-7"]
+
+
+def test_scope_user_wins_over_state_user(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+    app = starlette_app(client)
+    app.add_middleware(StateUserMiddleware)
+    with TestClient(app) as http:
+        http.get("/", headers={"X-User": "alice", "X-State-User": "u-7"})
+        http.get("/", headers={"X-State-User": "u-8"})  # UnauthenticatedUser: state is next
+    assert client.flush(timeout=10)
+    assert user_ids(server) == ["alice", "u-8"]
+
+
+def test_resolve_user_override(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+    seen: list[type] = []
+
+    def resolve(request: Request) -> Optional[str]:
+        seen.append(type(request))
+        return request.headers.get("x-tenant-user")
+
+    with TestClient(starlette_app(client, resolve_user=resolve)) as http:
+        http.get("/", headers={"X-Tenant-User": "t-1", "X-User": "alice"})
+        http.get("/", headers={"X-User": "alice"})  # the resolver finds none: no default
+    assert client.flush(timeout=10)
+    assert user_ids(server) == ["t-1"]
+    assert seen and set(seen) == {Request}  # looked up again while no user is found
+
+
+def test_resolver_that_raises_binds_no_user(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+
+    def resolve(request: Request) -> str:
+        raise LookupError("no session store")
+
+    with TestClient(starlette_app(client, resolve_user=resolve)) as http:
+        assert http.get("/", headers={"X-User": "alice"}).status_code == 200
+    assert client.flush(timeout=10)
+    assert server.events == []
+
+
+def test_websocket_scope(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+
+    async def ws_endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        websocket.state.whisperr.track("socket_opened")
+        await websocket.send_text("ok")
+        await websocket.close()
+
+    app = Starlette(
+        routes=[WebSocketRoute("/ws", ws_endpoint)],
+        middleware=[
+            Middleware(WhisperrMiddleware, client=client),
+            Middleware(AuthenticationMiddleware, backend=HeaderAuth()),
+        ],
+    )
+    with TestClient(app) as http, http.websocket_connect("/ws", headers={"X-User": "bob"}) as ws:
+        assert ws.receive_text() == "ok"
+    assert client.flush(timeout=10)
+    assert user_ids(server) == ["bob"]
+    assert server.events[0]["event_type"] == "socket_opened"
+
+
+def fastapi_app(client: DurableWhisperr) -> FastAPI:
+    """Async and sync endpoints, through the middleware and through the dependency."""
+    app = FastAPI()
+    app.add_middleware(WhisperrMiddleware, client=client)
+    app.add_middleware(AuthenticationMiddleware, backend=HeaderAuth())
+    dep = whisperr_dependency(client)
+
+    @app.get("/async")
+    async def async_view(request: Request) -> dict[str, Any]:
+        request.state.whisperr.track("async_view")
+        return {}
+
+    @app.get("/sync")
+    def sync_view(request: Request) -> dict[str, Any]:
+        request.state.whisperr.track("sync_view")
+        return {}
+
+    @app.get("/dep-async")
+    async def dep_async(w: BoundWhisperr = Depends(dep)) -> dict[str, Any]:  # noqa: B008
+        w.track("dep_async")
+        return {"user_id": w.user_id}
+
+    @app.get("/dep-sync")
+    def dep_sync(w: BoundWhisperr = Depends(dep)) -> dict[str, Any]:  # noqa: B008
+        w.track("dep_sync")
+        return {"user_id": w.user_id}
+
+    return app
+
+
+def test_fastapi_middleware_and_dependency(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+    with TestClient(fastapi_app(client)) as http:
+        for path in ("/async", "/sync", "/dep-async", "/dep-sync"):
+            assert http.get(path, headers={"X-Account": "9"}).status_code == 200
+            assert http.get(path).status_code == 200  # no user: nothing
+    assert client.flush(timeout=10)
+    assert sorted((e["external_user_id"], e["event_type"]) for e in server.events) == [
+        ("9", "async_view"),
+        ("9", "dep_async"),
+        ("9", "dep_sync"),
+        ("9", "sync_view"),
+    ]
+
+
+def test_fastapi_dependency_without_middleware(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+    app = FastAPI()
+
+    def current_user(request: Request) -> None:
+        if "x-state-user" in request.headers:
+            request.state.user = {"sub": request.headers["x-state-user"]}
+
+    whisperr = whisperr_dependency(client)
+    by_query = whisperr_dependency(client, lambda request: request.query_params.get("u"))
+
+    @app.post("/upgrade")
+    def upgrade(
+        w: BoundWhisperr = Depends(whisperr),  # noqa: B008
+        _user: None = Depends(current_user),  # runs after the whisperr dependency
+    ) -> dict[str, Any]:
+        w.track("plan_upgraded", {"plan": "pro"})
+        w.identify(traits={"plan": "pro"}, email="ann@example.com")
+        return {}
+
+    @app.get("/override")
+    def override(w: BoundWhisperr = Depends(by_query)) -> dict[str, Any]:  # noqa: B008
+        w.track("override_used")
+        return {}
+
+    @app.websocket("/ws")
+    async def ws(websocket: WebSocket, w: BoundWhisperr = Depends(by_query)) -> None:  # noqa: B008
+        await websocket.accept()
+        w.track("socket_opened")
+        await websocket.close()
+
+    with TestClient(app) as http:
+        assert http.post("/upgrade", headers={"X-State-User": "ann"}).status_code == 200
+        assert http.post("/upgrade").status_code == 200
+        assert http.get("/override", params={"u": "q-1"}).status_code == 200
+        with http.websocket_connect("/ws?u=ws-1"):
+            pass
+        with http.websocket_connect("/ws"):
+            pass  # the resolver finds no user: nothing
+    assert client.flush(timeout=10)
+    assert [(e["external_user_id"], e["event_type"]) for e in server.events] == [
+        ("ann", "plan_upgraded"),
+        ("q-1", "override_used"),
+        ("ws-1", "socket_opened"),
+    ]
+    assert server.events[0]["properties"] == {"plan": "pro"}
+    assert [i["external_user_id"] for i in server.identifies] == ["ann"]
+
+
+def test_one_client_shared_by_sync_and_async_endpoints(
+    make_client: MakeClient, server: DevServer
+) -> None:
+    client = make_client()
+    app = fastapi_app(client)
+    in_sync_view = threading.Barrier(4, timeout=10)
+    sync_threads: set[int] = set()
+
+    @app.get("/sync-together")
+    def sync_together(request: Request) -> dict[str, Any]:
+        in_sync_view.wait()  # four requests inside sync endpoints at once: four threads
+        sync_threads.add(threading.get_ident())
+        for _ in range(25):
+            request.state.whisperr.track("sync_burst")
+        return {}
+
+    def requests(http: TestClient, n: int) -> list[int]:
+        paths = ["/sync-together"] + ["/async", "/sync", "/dep-async", "/dep-sync"] * 5
+        return [http.get(p, headers={"X-Account": str(n)}).status_code for p in paths]
+
+    with TestClient(app) as http, ThreadPoolExecutor(4) as pool:
+        statuses = [s for batch in pool.map(lambda n: requests(http, n), range(4)) for s in batch]
+    assert statuses == [200] * 84
+    assert len(sync_threads) == 4
+    assert client.flush(timeout=30)
+    assert len(server.events) == 4 * (25 + 20)
+    for n in range(4):
+        mine = [e["event_type"] for e in server.events if e["external_user_id"] == str(n)]
+        assert sorted(set(mine)) == [
+            "async_view",
+            "dep_async",
+            "dep_sync",
+            "sync_burst",
+            "sync_view",
+        ]
+        assert len(mine) == 45
+
+
+def test_aflush_inside_an_endpoint(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+    app = FastAPI()
+    app.add_middleware(WhisperrMiddleware, client=client)
+    app.add_middleware(AuthenticationMiddleware, backend=HeaderAuth())
+
+    @app.post("/checkout")
+    async def checkout(request: Request) -> dict[str, Any]:
+        request.state.whisperr.track("checkout_completed", {"total": 12})
+        result = await client.aflush(timeout=10)
+        return {"ok": bool(result), "pending": result.pending, "seen": len(server.events)}
+
+    with TestClient(app) as http:
+        body = http.post("/checkout", headers={"X-User": "carol"}).json()
+    assert body == {"ok": True, "pending": 0, "seen": 1}
+    assert user_ids(server) == ["carol"]
+
+
+def test_user_id_can_be_bound_during_the_request(
+    make_client: MakeClient, server: DevServer
+) -> None:
+    client = make_client()
+
+    async def login(request: Request) -> JSONResponse:
+        request.state.whisperr.track("ignored_before_login")
+        request.state.whisperr.user_id = "new-user"
+        request.state.whisperr.track("signed_up")
+        return JSONResponse({})
+
+    app = Starlette(
+        routes=[Route("/login", login, methods=["POST"])],
+        middleware=[Middleware(WhisperrMiddleware, client=client)],
+    )
+    with TestClient(app) as http:
+        assert http.post("/login").status_code == 200
+    assert client.flush(timeout=10)
+    assert [(e["external_user_id"], e["event_type"]) for e in server.events] == [
+        ("new-user", "signed_up")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        (SimpleUser("alice"), "alice"),
+        (Account(5), "5"),
+        ({"user_id": "m-1"}, "m-1"),
+        (None, None),
+    ],
+)
+def test_default_user_id(user: Any, expected: Optional[str]) -> None:
+    assert default_user_id(user) == expected
+
+
+def test_default_user_id_of_starlette_users_without_an_id() -> None:
+    from starlette.authentication import UnauthenticatedUser
+
+    class NoIdentity(BaseUser):
+        is_authenticated = True
+
+        @property
+        def display_name(self) -> str:
+            return "Ann Smith"  # not an id: never used
+
+    assert default_user_id(UnauthenticatedUser()) is None
+    assert default_user_id(NoIdentity()) is None
+
+
+def test_importing_the_package_imports_no_framework() -> None:
+    code = (
+        "import sys\n"
+        "import whisperr_durable, whisperr_durable.integrations\n"
+        "loaded = sorted(m for m in ('starlette', 'fastapi') if m in sys.modules)\n"
+        "assert not loaded, loaded\n"
+        "sys.modules['fastapi'] = None  # as if FastAPI were not installed\n"
+        "from whisperr_durable.integrations import asgi\n"
+        "assert 'starlette' in sys.modules and sys.modules['fastapi'] is None\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

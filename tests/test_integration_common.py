@@ -1,0 +1,120 @@
+"""What every framework integration shares: user resolution, the bound helper, settings."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import pytest
+from conftest import API_KEY, MakeClient
+
+from whisperr_durable.devserver import DevServer
+from whisperr_durable.integrations import BoundWhisperr, client_from_settings, resolve_user_id
+from whisperr_durable.integrations._common import bound, import_resolver
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        (SimpleNamespace(id=42), "42"),
+        (SimpleNamespace(pk="u-7"), "u-7"),
+        (SimpleNamespace(sub="auth0|abc"), "auth0|abc"),
+        ({"user_id": 9}, "9"),
+        ({"userId": "camel"}, "camel"),
+        (SimpleNamespace(id=None, pk=5), "5"),  # the first field that holds a value
+        ("  user_8842 ", "user_8842"),
+        (1234, "1234"),
+        (SimpleNamespace(id=3, is_authenticated=False), None),  # anonymous
+        (SimpleNamespace(id=3, is_authenticated=True), "3"),
+        (SimpleNamespace(name="no id here"), None),
+        ({"id": ""}, None),
+        (True, None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_default_user_resolution_from_common_auth_shapes(
+    user: Any, expected: Optional[str]
+) -> None:
+    assert resolve_user_id(user) == expected
+
+
+def resolve_from_header(request: Any) -> Optional[str]:
+    return str(request.headers.get("X-User") or "") or None
+
+
+def test_a_resolver_by_dotted_path_or_callable() -> None:
+    assert import_resolver(f"{__name__}.resolve_from_header") is resolve_from_header
+    assert import_resolver(resolve_from_header) is resolve_from_header
+    assert import_resolver(None) is None
+    with pytest.raises(ValueError):
+        import_resolver("no_module_path")
+
+
+def test_bound_prefers_the_resolver_and_survives_one_that_raises(
+    make_client: MakeClient,
+) -> None:
+    client = make_client()
+    request = SimpleNamespace(headers={"X-User": "from-header"}, user=SimpleNamespace(id=1))
+    assert bound(client, resolve_from_header, request).user_id == "from-header"
+    assert bound(client, None, request, request.user).user_id == "1"
+    assert bound(client, None, request, None, {"sub": "second"}).user_id == "second"
+
+    def broken(request: Any) -> Optional[str]:
+        raise RuntimeError("auth backend down")
+
+    assert bound(client, broken, request).user_id is None
+
+
+def test_without_a_user_nothing_is_stored_and_debug_says_so(
+    make_client: MakeClient, server: DevServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client()
+    anonymous = BoundWhisperr(client, None)
+    with caplog.at_level(logging.DEBUG, logger="whisperr_durable"):
+        anonymous.track("page_viewed")
+        anonymous.identify(traits={"plan": "pro"})
+    assert client.stats().pending == 0
+    assert any(
+        "no user" in r.getMessage() and "page_viewed" in r.getMessage() for r in caplog.records
+    )
+
+    known = BoundWhisperr(client, "user_8842")
+    known.track("plan_upgraded", {"plan": "pro"})
+    known.identify(traits={"plan": "pro"})
+    assert client.flush(timeout=10).pending == 0
+    assert [(e["external_user_id"], e["event_type"]) for e in server.events] == [
+        ("user_8842", "plan_upgraded")
+    ]
+    assert [i["external_user_id"] for i in server.identifies] == ["user_8842"]
+
+
+def test_client_from_settings_reads_a_mapping_or_an_object(
+    server: DevServer, tmp_path: Any
+) -> None:
+    mapping = {
+        "WHISPERR_API_KEY": API_KEY,
+        "WHISPERR_BASE_URL": server.url,
+        "WHISPERR_DB_PATH": str(tmp_path / "a.db"),
+        "WHISPERR_MAX_QUEUE_SIZE": 5,
+        "WHISPERR_APP_VERSION": "9.9.9",
+    }
+    a = client_from_settings(mapping)
+    b = client_from_settings(
+        SimpleNamespace(**{**mapping, "WHISPERR_DB_PATH": str(tmp_path / "b.db")})
+    )
+    try:
+        assert a.path == str(tmp_path / "a.db")
+        assert b.path == str(tmp_path / "b.db")
+        for _ in range(7):
+            a.track("u1", "bounded")
+        assert a.stats().pending == 5  # WHISPERR_MAX_QUEUE_SIZE took effect
+        b.track("u1", "versioned")
+        assert b.flush(timeout=10).pending == 0
+        assert server.events[-1]["context"]["app_version"] == "9.9.9"
+        disabled = client_from_settings({"WHISPERR_DISABLED": True})
+        assert disabled.ready is False
+    finally:
+        a.shutdown(timeout=0.5)
+        b.shutdown(timeout=0.5)

@@ -1,0 +1,308 @@
+"""Worker processes: a real Celery prefork worker, and a multiprocessing pool.
+
+Pool children end with ``os._exit`` (billiard's and multiprocessing's), which runs no atexit
+handler: what a child tracked and did not deliver stays in the outbox until a process runs
+a sender on that file. These tests run the recipes the README gives for that.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from multiprocessing.util import Finalize
+from pathlib import Path
+from typing import Any, Optional
+
+import pytest
+from conftest import API_KEY, MakeClient
+
+from whisperr_durable import DurableWhisperr
+from whisperr_durable.devserver import DevServer
+
+# ---- Celery: a real worker, prefork pool, filesystem broker (no server to run) ----
+
+# The module a worker imports (-A tasks); it reads its settings from config.json beside it.
+# CLIENT_AT "import": the client is made when the worker's main process imports this module,
+# before the pool forks; "process_init": each pool child makes its own.
+TASKS_MODULE = """
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from celery import Celery, signals
+
+from whisperr_durable import Whisperr
+
+HERE = Path(__file__).parent
+CONFIG = json.loads((HERE / "config.json").read_text())
+
+problems = logging.StreamHandler(sys.__stderr__)
+problems.setFormatter(logging.Formatter("WHISPERR-PROBLEM %(levelname)s %(message)s"))
+problems.setLevel(logging.WARNING)
+logging.getLogger("whisperr_durable").addHandler(problems)
+
+app = Celery("tasks")
+app.conf.update(CONFIG["celery"])
+
+
+def make_client():
+    return Whisperr(
+        CONFIG["api_key"],
+        path=CONFIG["db"],
+        base_url=CONFIG["url"],
+        flush_at=100_000,  # nothing is sent before a flush: shows who delivers
+        flush_interval=3600,
+        on_error=lambda e: print("WHISPERR-PROBLEM on_error", e.type, e.message,
+                                 file=sys.__stderr__, flush=True),
+    )
+
+
+client = make_client() if CONFIG["client_at"] == "import" else None
+
+
+@signals.worker_process_init.connect
+def make_client_in_child(**kwargs):
+    global client
+    if client is None:
+        client = make_client()
+
+
+if CONFIG["flush_hook"]:
+    @signals.worker_process_shutdown.connect
+    def flush_whisperr(pid=None, exitcode=None, **kwargs):
+        result = client.flush(timeout=10)
+        with open(HERE / "flushes.jsonl", "a") as out:
+            out.write(json.dumps({"pid": os.getpid(), "ok": result.ok,
+                                  "pending": result.pending}) + "\\n")
+
+
+@app.task(name="tasks.work")
+def work(i):
+    client.track(f"user_{i % 3}", "task_done", {"i": i})
+    return os.getpid()
+"""
+
+
+def celery_conf(tmp_path: Path) -> dict[str, Any]:
+    broker = tmp_path / "broker"
+    for name in ("queue", "processed", "control"):
+        (broker / name).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "results").mkdir(exist_ok=True)
+    return {
+        "broker_url": "filesystem://",
+        "broker_transport_options": {
+            "data_folder_in": str(broker / "queue"),
+            "data_folder_out": str(broker / "queue"),
+            "processed_folder": str(broker / "processed"),
+            "control_folder": str(broker / "control"),
+        },
+        "broker_connection_retry_on_startup": True,
+        "result_backend": f"file://{tmp_path / 'results'}",
+        "worker_hijack_root_logger": False,
+    }
+
+
+class CeleryWorker:
+    """``celery -A tasks worker -P prefork -c 2`` in a subprocess, and a producer for it."""
+
+    def __init__(
+        self, tmp_path: Path, server: DevServer, db_path: str, *, client_at: str, flush_hook: bool
+    ) -> None:
+        from celery import Celery
+
+        self.dir = tmp_path / "app"
+        self.dir.mkdir()
+        conf = celery_conf(tmp_path)
+        config = {
+            "api_key": API_KEY,
+            "db": db_path,
+            "url": server.url,
+            "client_at": client_at,
+            "flush_hook": flush_hook,
+            "celery": conf,
+        }
+        (self.dir / "config.json").write_text(json.dumps(config))
+        (self.dir / "tasks.py").write_text(textwrap.dedent(TASKS_MODULE))
+        self.log_path = tmp_path / "worker.log"
+        self.producer = Celery("producer")
+        self.producer.conf.update(conf)
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+
+    def start(self) -> None:
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "tasks",
+                    "worker",
+                    "-P",
+                    "prefork",
+                    "-c",
+                    "2",
+                    "--loglevel=INFO",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                cwd=self.dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def run_tasks(self, n: int) -> list[int]:
+        """Send ``n`` tasks and wait for their results: the pids that ran them."""
+        results = [self.producer.send_task("tasks.work", args=(i,)) for i in range(n)]
+        return [int(r.get(timeout=30)) for r in results]
+
+    def stop(self) -> int:
+        """Warm shutdown (SIGTERM), as a process manager stops a worker."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def kill(self) -> None:
+        """Cleanup: whatever state the test left the worker in."""
+        self.producer.close()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def flushes(self) -> list[dict[str, Any]]:
+        path = self.dir / "flushes.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def task_indexes(server: DevServer) -> Counter[int]:
+    return Counter(e["properties"]["i"] for e in server.events if e["event_type"] == "task_done")
+
+
+def test_celery_prefork_worker_flushes_on_worker_process_shutdown(
+    tmp_path: Path, server: DevServer, db_path: str, make_client: MakeClient
+) -> None:
+    pytest.importorskip("celery")
+    worker = CeleryWorker(tmp_path, server, db_path, client_at="import", flush_hook=True)
+    n = 40
+    worker.start()
+    try:
+        pids = worker.run_tasks(n)
+        assert worker.proc is not None and worker.proc.pid not in pids  # ran in pool children
+        assert server.events == []  # flush_at is huge: nothing is sent before the flush
+        assert worker.stop() == 0, worker.log()
+    finally:
+        worker.kill()
+    log = worker.log()
+    assert "WHISPERR-PROBLEM" not in log and "Traceback" not in log, log
+
+    # Each pool child flushed on its way out; together they delivered every event once.
+    flushes = worker.flushes()
+    assert len(flushes) == 2 and all(f["ok"] and f["pending"] == 0 for f in flushes), flushes
+    assert set(pids) <= {f["pid"] for f in flushes}
+    assert task_indexes(server) == Counter(range(n))
+    assert len(server.message_ids) == n and server.duplicates == 0
+    assert make_client().stats().pending == 0
+
+
+def test_celery_children_that_exit_without_a_flush_leave_their_events_for_the_next_sender(
+    tmp_path: Path, server: DevServer, db_path: str, make_client: MakeClient
+) -> None:
+    pytest.importorskip("celery")
+    # No hook, and no client in the worker's main process: nothing runs a sender at exit.
+    worker = CeleryWorker(tmp_path, server, db_path, client_at="process_init", flush_hook=False)
+    n = 20
+    worker.start()
+    try:
+        worker.run_tasks(n)
+        assert worker.stop() == 0, worker.log()
+    finally:
+        worker.kill()
+    log = worker.log()
+    assert "WHISPERR-PROBLEM" not in log and "Traceback" not in log, log
+
+    # The children ended with os._exit: no atexit flush ran, and nothing was lost either.
+    assert server.events == []
+    assert worker.flushes() == []
+    client = make_client()  # the next process on the file: a restarted worker, a cron job
+    assert client.stats().pending == n
+    assert client.flush(10)
+    assert task_indexes(server) == Counter(range(n))
+    assert len(server.message_ids) == n and server.duplicates == 0
+    assert client.stats().pending == 0
+
+
+# ---- multiprocessing (fork): a client made before the pool ----
+
+_pool_client: Optional[DurableWhisperr] = None
+
+
+def _flush_at_worker_exit() -> None:
+    """Pool initializer: flush when the worker ends normally (close() + join()).
+
+    multiprocessing runs its finalizers as a worker ends, before its os._exit; atexit
+    handlers never run there.
+    """
+    assert _pool_client is not None
+    Finalize(None, _pool_client.flush, args=(10.0,), exitpriority=10)
+
+
+def _pool_task(i: int) -> int:
+    assert _pool_client is not None
+    _pool_client.track(f"user_{i % 4}", "pool_task", {"i": i})
+    return os.getpid()
+
+
+def pool_indexes(server: DevServer) -> Counter[int]:
+    return Counter(e["properties"]["i"] for e in server.events if e["event_type"] == "pool_task")
+
+
+@pytest.fixture
+def pool_client(make_client: MakeClient) -> Any:
+    global _pool_client
+    _pool_client = make_client()
+    yield _pool_client
+    _pool_client = None
+
+
+def test_multiprocessing_workers_flush_in_a_finalizer_when_the_pool_closes(
+    server: DevServer, pool_client: DurableWhisperr
+) -> None:
+    n = 30
+    pool = multiprocessing.get_context("fork").Pool(2, initializer=_flush_at_worker_exit)
+    pids = pool.map(_pool_task, range(n), chunksize=1)
+    pool.close()
+    pool.join()
+    assert os.getpid() not in pids
+    # Delivered by the workers' own flushes: the parent has not flushed.
+    assert pool_indexes(server) == Counter(range(n))
+    assert server.duplicates == 0
+    assert pool_client.stats().pending == 0
+
+
+def test_a_terminated_pool_leaves_its_events_on_disk_for_the_parents_flush(
+    server: DevServer, pool_client: DurableWhisperr
+) -> None:
+    n = 30
+    # No flush in the workers, and Pool.__exit__ calls terminate() (SIGTERM): what they
+    # tracked is committed to the file, and only there.
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pool.map(_pool_task, range(n), chunksize=1)
+    assert server.events == []
+    assert pool_client.stats().pending == n
+    assert pool_client.flush(10)
+    assert pool_indexes(server) == Counter(range(n))
+    assert len(server.message_ids) == n and server.duplicates == 0

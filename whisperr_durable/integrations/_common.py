@@ -1,0 +1,147 @@
+"""What every integration shares: the request-bound helper, user resolution, settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from importlib import import_module
+from typing import Any, Callable, Optional, Union
+
+from .._client import DurableWhisperr
+
+log = logging.getLogger("whisperr_durable")
+
+ResolveUser = Callable[[Any], Optional[str]]
+
+# Where a user object keeps its id, in the order they are tried (as the Node SDK does).
+_ID_FIELDS = ("id", "pk", "sub", "user_id", "userId")
+
+# The durable options, by the settings name that sets each (``WHISPERR_<NAME>``); the
+# official SDK's own names (api key, base URL, disabled, debug, app version) come first.
+_OPTIONS = {
+    "WHISPERR_BASE_URL": "base_url",
+    "WHISPERR_DISABLED": "disabled",
+    "WHISPERR_DEBUG": "debug",
+    "WHISPERR_APP_VERSION": "app_version",
+    "WHISPERR_DB_PATH": "path",
+    "WHISPERR_FLUSH_AT": "flush_at",
+    "WHISPERR_FLUSH_INTERVAL": "flush_interval",
+    "WHISPERR_MAX_QUEUE_SIZE": "max_queue_size",
+    "WHISPERR_MAX_BATCH_SIZE": "max_batch_size",
+    "WHISPERR_MAX_RETRIES": "max_retries",
+    "WHISPERR_REQUEST_TIMEOUT": "request_timeout",
+    "WHISPERR_SHUTDOWN_TIMEOUT": "shutdown_timeout",
+    "WHISPERR_STORE_TIMEOUT": "store_timeout",
+    "WHISPERR_MAX_DEAD_LETTERS": "max_dead_letters",
+    "WHISPERR_FSYNC": "fsync",
+    "WHISPERR_ON_ERROR": "on_error",
+}
+
+
+def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhisperr:
+    """A client configured from ``WHISPERR_*`` settings: a mapping (Flask's ``app.config``)
+    or an object with attributes (Django's ``settings``). Unset names keep the defaults.
+
+    ``WHISPERR_API_KEY`` (else the ``WHISPERR_API_KEY`` environment variable), and
+    ``WHISPERR_BASE_URL``, ``WHISPERR_DISABLED``, ``WHISPERR_DEBUG``, ``WHISPERR_APP_VERSION``
+    as in the official SDK; ``WHISPERR_DB_PATH`` and ``WHISPERR_<OPTION>`` for the durable
+    options (``WHISPERR_FLUSH_AT``, ``WHISPERR_MAX_QUEUE_SIZE``, ``WHISPERR_FSYNC``, ...).
+    """
+    get = settings.get if isinstance(settings, Mapping) else _attribute_getter(settings)
+    options: dict[str, Any] = {}
+    for name, option in _OPTIONS.items():
+        value = get(name, None)
+        if value is not None:
+            options[option] = value
+    return DurableWhisperr(get("WHISPERR_API_KEY", None), **options)
+
+
+def _attribute_getter(settings: Any) -> Callable[[str, Any], Any]:
+    return lambda name, default: getattr(settings, name, default)
+
+
+def resolve_user_id(user: Any) -> Optional[str]:
+    """The id of a user object or mapping, or ``None`` for no user (or an anonymous one).
+
+    Tries ``id``, ``pk``, ``sub``, ``user_id``, ``userId`` as attributes or keys; an object
+    whose ``is_authenticated`` is false (Django's, Flask-Login's and Starlette's anonymous
+    users) has none. A string or an int is taken as the id itself.
+    """
+    if user is None or isinstance(user, bool):
+        return None
+    if isinstance(user, (str, int)):
+        text = str(user).strip()
+        return text or None
+    if getattr(user, "is_authenticated", True) is False:
+        return None
+    for field in _ID_FIELDS:
+        value = user.get(field) if isinstance(user, Mapping) else getattr(user, field, None)
+        if value is not None and not isinstance(value, bool) and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+def import_resolver(resolver: Union[str, ResolveUser, None]) -> Optional[ResolveUser]:
+    """A ``resolve_user`` callable from itself or its dotted path (``"app.auth.whisperr_id"``)."""
+    if resolver is None or callable(resolver):
+        return resolver
+    module_path, _, attr = resolver.rpartition(".")
+    if not module_path:
+        raise ValueError(f"resolve_user must be a callable or a dotted path, not {resolver!r}")
+    resolved = getattr(import_module(module_path), attr)
+    if not callable(resolved):
+        raise ValueError(f"{resolver} is not callable")
+    return resolved  # type: ignore[no-any-return]
+
+
+class BoundWhisperr:
+    """``track()`` and ``identify()`` for one request's user (``request.whisperr``).
+
+    Where the request has no user, both do nothing and say so at DEBUG.
+    """
+
+    __slots__ = ("client", "user_id")
+
+    def __init__(self, client: DurableWhisperr, user_id: Optional[str]) -> None:
+        self.client = client
+        self.user_id = user_id
+
+    def track(
+        self,
+        event_type: str,
+        properties: Optional[Mapping[str, Any]] = None,
+        context: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        if self.user_id is None:
+            log.debug("whisperr_durable: no user on this request; track(%r) skipped", event_type)
+            return
+        self.client.track(self.user_id, event_type, properties, context)
+
+    def identify(self, **kwargs: Any) -> None:
+        if self.user_id is None:
+            log.debug("whisperr_durable: no user on this request; identify() skipped")
+            return
+        self.client.identify(self.user_id, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"BoundWhisperr(user_id={self.user_id!r})"
+
+
+def bound(
+    client: DurableWhisperr, resolve: Optional[ResolveUser], *candidates: Any
+) -> BoundWhisperr:
+    """Bind ``client`` to the user ``resolve`` finds in ``candidates[0]`` (the request), or,
+    without ``resolve``, to the first of ``candidates[1:]`` that resolves to an id. A
+    resolver that raises binds no user (and logs why at DEBUG)."""
+    if resolve is not None:
+        try:
+            user_id = resolve(candidates[0])
+        except Exception:
+            log.debug("whisperr_durable: resolve_user raised; no user bound", exc_info=True)
+            user_id = None
+        return BoundWhisperr(client, resolve_user_id(user_id))
+    for candidate in candidates[1:]:
+        user_id = resolve_user_id(candidate)
+        if user_id is not None:
+            return BoundWhisperr(client, user_id)
+    return BoundWhisperr(client, None)

@@ -1,0 +1,152 @@
+"""Starlette and FastAPI: ``request.state.whisperr`` bound to the request's user.
+
+As middleware (Starlette or FastAPI)::
+
+    app.add_middleware(WhisperrMiddleware, client=client)
+
+    async def endpoint(request):
+        request.state.whisperr.track("plan_upgraded", {"plan": "pro"})
+
+As a FastAPI dependency (no middleware needed)::
+
+    whisperr = whisperr_dependency(client)
+
+    @app.post("/upgrade")
+    def upgrade(w: BoundWhisperr = Depends(whisperr)):
+        w.track("plan_upgraded", {"plan": "pro"})
+
+The user is looked up when ``track()`` or ``identify()`` is first called, not when the
+request comes in, so a user that authentication middleware or a dependency sets later in
+the request is found. By default it is ``scope["user"]`` (``request.user``, set by
+Starlette's ``AuthenticationMiddleware``), then ``request.state.user``; ``resolve_user``
+(a callable taking the request, or its dotted path) replaces both. No user, no event.
+
+Only Starlette is imported here; FastAPI is not needed to use either helper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, MutableMapping
+from typing import Any, Callable, Optional, Union
+
+from starlette.authentication import BaseUser
+from starlette.requests import HTTPConnection, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .._client import DurableWhisperr
+from ._common import BoundWhisperr, ResolveUser, bound, import_resolver, resolve_user_id
+
+__all__ = ["BoundWhisperr", "WhisperrMiddleware", "whisperr_dependency"]
+
+
+def default_user_id(user: Any) -> Optional[str]:
+    """``resolve_user_id(user)``, then, for a Starlette user, its ``identity``.
+
+    Starlette's own ``SimpleUser`` carries nothing but a username, which is its
+    ``identity``: without this it could never be tracked. A custom ``BaseUser`` that has an
+    ``id`` (or ``pk``, ``sub``, ...) is tracked by that; one that implements ``identity``
+    and no id field, by its identity. ``display_name`` is never used: it is for display, and
+    need not be unique.
+    """
+    user_id = resolve_user_id(user)
+    if user_id is None and isinstance(user, BaseUser) and user.is_authenticated:
+        try:
+            user_id = resolve_user_id(user.identity)
+        except NotImplementedError:
+            return None
+    return user_id
+
+
+class ScopeBoundWhisperr(BoundWhisperr):
+    """A ``BoundWhisperr`` whose user is looked up in the request's scope on first use.
+
+    Until a user is found, each ``track()`` or ``identify()`` looks again (and does nothing
+    while there is none); once found, the id is kept for the rest of the request. Setting
+    ``user_id`` binds that id outright (after a login, for instance).
+    """
+
+    __slots__ = ("_connection", "_found", "_resolve", "_scope")
+
+    def __init__(
+        self,
+        client: DurableWhisperr,
+        scope: Scope,
+        resolve: Optional[ResolveUser] = None,
+        connection: Optional[HTTPConnection] = None,
+    ) -> None:
+        self.client = client
+        self._scope = scope
+        self._resolve = resolve
+        self._connection = connection
+        self._found: Optional[str] = None
+
+    @property
+    def user_id(self) -> Optional[str]:
+        if self._found is None:
+            self._found = self._lookup()
+        return self._found
+
+    @user_id.setter
+    def user_id(self, value: Optional[str]) -> None:
+        self._found = resolve_user_id(value)
+
+    def _lookup(self) -> Optional[str]:
+        scope = self._scope
+        if self._resolve is not None:
+            if self._connection is None:
+                # A sync resolver only reads the request, so no receive channel is needed.
+                self._connection = (
+                    Request(scope) if scope["type"] == "http" else HTTPConnection(scope)
+                )
+            return bound(self.client, self._resolve, self._connection).user_id
+        state = scope.get("state")
+        candidates = (scope.get("user"), state.get("user") if isinstance(state, dict) else None)
+        for candidate in candidates:
+            user_id = default_user_id(candidate)
+            if user_id is not None:
+                return user_id
+        return None
+
+
+class WhisperrMiddleware:
+    """Pure ASGI middleware that sets ``request.state.whisperr`` (and ``websocket.state``).
+
+    ``app.add_middleware(WhisperrMiddleware, client=client)``, in Starlette or FastAPI, or
+    ``Middleware(WhisperrMiddleware, client=client)`` in ``Starlette(middleware=[...])``.
+    Its place relative to authentication middleware does not matter: the user is looked up
+    when the endpoint first calls ``track()``. Other scopes (lifespan) pass through.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        client: DurableWhisperr,
+        resolve_user: Union[str, ResolveUser, None] = None,
+    ) -> None:
+        self.app = app
+        self.client = client
+        self.resolve_user = import_resolver(resolve_user)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            state: MutableMapping[str, Any] = scope.setdefault("state", {})
+            state["whisperr"] = ScopeBoundWhisperr(self.client, scope, self.resolve_user)
+        await self.app(scope, receive, send)
+
+
+def whisperr_dependency(
+    client: DurableWhisperr,
+    resolve_user: Union[str, ResolveUser, None] = None,
+) -> Callable[[HTTPConnection], Awaitable[BoundWhisperr]]:
+    """A FastAPI dependency giving the request's ``BoundWhisperr``; no middleware needed.
+
+    ``Depends(whisperr_dependency(client))`` works in HTTP and WebSocket routes, sync or
+    async. The user is found as by ``WhisperrMiddleware``; ``resolve_user`` gets the request.
+    """
+    resolve = import_resolver(resolve_user)
+
+    async def whisperr(connection: HTTPConnection) -> BoundWhisperr:
+        return ScopeBoundWhisperr(client, connection.scope, resolve, connection)
+
+    return whisperr

@@ -1,0 +1,213 @@
+"""Django integration: ``request.whisperr`` and a process-wide client built from settings.
+
+A drop-in for the official ``whisperr.django``: change the dotted path and keep the
+settings::
+
+    WHISPERR_API_KEY = os.environ["WHISPERR_API_KEY"]
+    WHISPERR_DB_PATH = BASE_DIR / "whisperr.db"      # the outbox file (default ~/.whisperr.db)
+    MIDDLEWARE = [
+        # ... after your authentication middleware ...
+        "whisperr_durable.integrations.django.WhisperrMiddleware",
+    ]
+
+Then in a view (sync or async)::
+
+    request.whisperr.track("plan_upgraded", {"plan": "pro"})
+
+Outside a request (signals, management commands, Celery tasks) use :func:`get_client` with
+the user id from your data. The client is built from the ``WHISPERR_*`` settings on first
+use (see :func:`~whisperr_durable.integrations.client_from_settings`).
+
+The request's user is ``request.user.pk`` when ``request.user.is_authenticated``, or what
+``WHISPERR_RESOLVE_USER`` (a callable taking the request, or its dotted path) returns. It is
+looked up when the request comes in, as the official middleware does: a view may run in an
+event loop (an async view) where a lazy ``request.user`` can no longer be loaded, so it is
+loaded before. In the async path that is ``await request.auser()`` (Django 5+), and a
+resolver runs in a thread (``sync_to_async``). Where no user is found then, it is looked up
+again on each ``track()``/``identify()``, so a view can track right after ``login()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.utils.functional import LazyObject
+
+from .._client import DurableWhisperr
+from ._common import (
+    BoundWhisperr,
+    ResolveUser,
+    bound,
+    client_from_settings,
+    import_resolver,
+    resolve_user_id,
+)
+
+try:
+    from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+except ImportError:  # asgiref < 3.6 (Django < 4.2)
+    import asyncio
+
+    iscoroutinefunction = asyncio.iscoroutinefunction  # type: ignore[assignment]
+
+    def markcoroutinefunction(func: Any) -> Any:
+        func._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+        return func
+
+
+__all__ = ["RequestWhisperr", "WhisperrMiddleware", "get_client"]
+
+log = logging.getLogger("whisperr_durable")
+
+_client: Optional[DurableWhisperr] = None
+_client_lock = threading.Lock()
+
+
+def get_client() -> DurableWhisperr:
+    """The process-wide client, built from Django's settings on first use (thread-safe)."""
+    global _client
+    client = _client
+    if client is None:
+        with _client_lock:
+            if _client is None:
+                _client = client_from_settings(settings)
+            client = _client
+    return client
+
+
+def _reset_client() -> None:
+    """Shut down and forget the process-wide client: the next :func:`get_client` reads the
+    settings again. Runs by itself when a test changes a ``WHISPERR_*`` setting
+    (``override_settings``); what the old client had not delivered stays in its outbox."""
+    global _client
+    with _client_lock:
+        client, _client = _client, None
+    if client is not None:
+        client.shutdown()
+
+
+def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting.startswith("WHISPERR_"):
+        _reset_client()
+
+
+setting_changed.connect(_on_setting_changed, dispatch_uid="whisperr_durable.django")
+
+
+def user_id_of(user: Any) -> Optional[str]:
+    """The id of a Django user: ``str(user.pk)`` when ``user.is_authenticated``, else ``None``.
+
+    ``pk`` is the primary key whatever its field is named (a custom user model's ``uuid``);
+    a user object that has no ``pk`` goes through ``resolve_user_id`` (``id``, ``sub``, ...).
+    """
+    if user is None or not getattr(user, "is_authenticated", False):
+        return None
+    pk = getattr(user, "pk", None)
+    return resolve_user_id(user if pk is None else str(pk))
+
+
+def _default_resolve_user(request: Any) -> Optional[str]:
+    return user_id_of(getattr(request, "user", None))
+
+
+class RequestWhisperr:
+    """``request.whisperr``: ``track()`` and ``identify()`` for the request's user.
+
+    Bound to the user found when the request came in; where there was none, the user is
+    looked up again on each call (``user_id`` too), and the first one found is kept.
+    Without a user, both do nothing (and say so at DEBUG).
+    """
+
+    __slots__ = ("_bound", "_request", "_resolve")
+
+    def __init__(self, found: BoundWhisperr, request: Any, resolve: ResolveUser) -> None:
+        self._bound = found
+        self._request = request
+        self._resolve = resolve
+
+    @property
+    def client(self) -> DurableWhisperr:
+        return self._bound.client
+
+    @property
+    def user_id(self) -> Optional[str]:
+        return self._bind().user_id
+
+    def track(
+        self,
+        event_type: str,
+        properties: Optional[Mapping[str, Any]] = None,
+        context: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self._bind().track(event_type, properties, context)
+
+    def identify(self, **kwargs: Any) -> None:
+        self._bind().identify(**kwargs)
+
+    def _bind(self) -> BoundWhisperr:
+        if self._bound.user_id is None:
+            self._bound = bound(self._bound.client, self._resolve, self._request)
+        return self._bound
+
+    def __repr__(self) -> str:
+        return f"RequestWhisperr(user_id={self._bound.user_id!r})"
+
+
+class WhisperrMiddleware:
+    """Attaches ``request.whisperr`` bound to the request's user; sync and async capable.
+
+    ``WHISPERR_RESOLVE_USER`` (read when Django builds the middleware) replaces the default
+    ``request.user.pk``; a resolver that raises binds no user.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+        self.resolve_user: Optional[ResolveUser] = import_resolver(
+            getattr(settings, "WHISPERR_RESOLVE_USER", None)
+        )
+        get_client()  # a settings mistake shows at startup, not on the first request
+
+    @property
+    def client(self) -> DurableWhisperr:
+        return get_client()
+
+    def __call__(self, request: Any) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        resolve = self.resolve_user or _default_resolve_user
+        request.whisperr = RequestWhisperr(bound(get_client(), resolve, request), request, resolve)
+        return self.get_response(request)
+
+    async def __acall__(self, request: Any) -> Any:
+        resolve = self.resolve_user or _default_resolve_user
+        found = await self._abind(get_client(), resolve, request)
+        request.whisperr = RequestWhisperr(found, request, resolve)
+        return await self.get_response(request)
+
+    async def _abind(
+        self, client: DurableWhisperr, resolve: ResolveUser, request: Any
+    ) -> BoundWhisperr:
+        user = getattr(request, "user", None)
+        if resolve is _default_resolve_user and not isinstance(user, LazyObject):
+            return BoundWhisperr(client, user_id_of(user))  # set already: nothing to load
+        auser = getattr(request, "auser", None)
+        if resolve is _default_resolve_user and auser is not None:
+            try:
+                return BoundWhisperr(client, user_id_of(await auser()))
+            except Exception:
+                log.debug("whisperr_durable: request.auser() raised; no user bound", exc_info=True)
+                return BoundWhisperr(client, None)
+        # A resolver (or a lazy user without auser()) may touch the database: not in the loop.
+        return await sync_to_async(bound)(client, resolve, request)

@@ -1,0 +1,206 @@
+"""Flask integration: an extension that puts ``request.whisperr`` on every request.
+
+::
+
+    from whisperr_durable.integrations.flask import Whisperr
+
+    app.config["WHISPERR_API_KEY"] = os.environ["WHISPERR_API_KEY"]
+    whisperr = Whisperr(app)            # or Whisperr() and whisperr.init_app(app) in a factory
+
+    @app.post("/upgrade")
+    def upgrade():
+        request.whisperr.track("plan_upgraded", {"plan": "pro"})
+
+The client is built from ``app.config`` (the ``WHISPERR_*`` names of the Django settings)
+unless one is passed as ``client=``; each app keeps its own in
+``app.extensions["whisperr_durable"]``. Outside a request (CLI commands, jobs run in an app
+context) use :func:`current_client` or ``whisperr.client`` with the user id from your data.
+
+The request's user is found on first use of ``request.whisperr``, not on every request:
+``resolve_user(request)`` when given (or ``WHISPERR_RESOLVE_USER``, a dotted path), else
+Flask-Login's ``current_user`` where the app has a login manager, then ``g.user``, then
+``request.user``. Where there is no user, ``track()`` and ``identify()`` do nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from flask import Flask, current_app, g, has_app_context, has_request_context, request
+
+from .._client import DurableWhisperr
+from ._common import (
+    BoundWhisperr,
+    ResolveUser,
+    bound,
+    client_from_settings,
+    import_resolver,
+)
+
+__all__ = ["EXTENSION_KEY", "RequestWhisperr", "Whisperr", "WhisperrState", "current_client"]
+
+log = logging.getLogger("whisperr_durable")
+
+EXTENSION_KEY = "whisperr_durable"
+
+
+@dataclass(frozen=True)
+class WhisperrState:
+    """What :meth:`Whisperr.init_app` keeps in ``app.extensions["whisperr_durable"]``."""
+
+    client: DurableWhisperr
+    resolve_user: Optional[ResolveUser]
+
+    def bind(self, req: Any) -> BoundWhisperr:
+        """The client bound to the user of ``req``; needs its request context for the
+        default lookups (a ``resolve_user`` is only given ``req``)."""
+        if self.resolve_user is not None:
+            return bound(self.client, self.resolve_user, req)
+        if not has_request_context():
+            log.warning(
+                "whisperr_durable: request.whisperr first used outside its request; "
+                "no user bound (use it in the view, or copy_current_request_context)"
+            )
+            return BoundWhisperr(self.client, None)
+        return bound(self.client, None, req, *_login_users(), g.get("user"), _request_user(req))
+
+
+def _login_users() -> tuple[Any, ...]:
+    """Flask-Login's current user and its ``get_id()``, where the app has a login manager."""
+    if not hasattr(current_app, "login_manager"):
+        return ()
+    from flask_login import current_user  # installed: the app has a login manager
+
+    user = current_user._get_current_object()
+    if not getattr(user, "is_authenticated", False):
+        return ()
+    get_id = getattr(user, "get_id", None)
+    return (user, get_id() if callable(get_id) else None)
+
+
+def _request_user(req: Any) -> Any:
+    return getattr(req, "user", None)
+
+
+class RequestWhisperr:
+    """``request.whisperr``: ``track()`` and ``identify()`` for the request's user.
+
+    The user is looked up on the first call (or ``user_id`` read), so a request that
+    records nothing costs no user lookup. A user found is kept for the rest of the request
+    (track a logout before ``logout_user()``); no user found is looked up again next time
+    (so a login view can track after ``login_user()``).
+    """
+
+    __slots__ = ("_bound", "_request", "_state")
+
+    def __init__(self, state: WhisperrState, req: Any) -> None:
+        self._state = state
+        self._request = req
+        self._bound: Optional[BoundWhisperr] = None
+
+    @property
+    def client(self) -> DurableWhisperr:
+        return self._state.client
+
+    @property
+    def user_id(self) -> Optional[str]:
+        return self._bind().user_id
+
+    def track(
+        self,
+        event_type: str,
+        properties: Optional[Mapping[str, Any]] = None,
+        context: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self._bind().track(event_type, properties, context)
+
+    def identify(self, **kwargs: Any) -> None:
+        self._bind().identify(**kwargs)
+
+    def _bind(self) -> BoundWhisperr:
+        if self._bound is not None:
+            return self._bound
+        found = self._state.bind(self._request)
+        if found.user_id is not None:
+            self._bound = found
+        return found
+
+    def __repr__(self) -> str:
+        user = "unresolved" if self._bound is None else repr(self._bound.user_id)
+        return f"RequestWhisperr(user_id={user})"
+
+
+class Whisperr:
+    """The Flask extension: ``Whisperr(app)``, or ``Whisperr()`` then ``init_app(app)``.
+
+    ``client`` is used by every app this extension is initialised on; without it, each app
+    gets a client built from its ``app.config``. ``resolve_user(request)`` returns the
+    request's user id (or a user object, or ``None``) and wins over
+    ``WHISPERR_RESOLVE_USER``.
+    """
+
+    def __init__(
+        self,
+        app: Optional[Flask] = None,
+        *,
+        client: Optional[DurableWhisperr] = None,
+        resolve_user: Union[str, ResolveUser, None] = None,
+    ) -> None:
+        self._client = client
+        self._resolve_user = resolve_user
+        self._app = app
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Give ``app`` its client and put ``request.whisperr`` on each of its requests."""
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(f"whisperr_durable is already initialised on app {app.name!r}")
+        resolver = self._resolve_user
+        if resolver is None:
+            resolver = app.config.get("WHISPERR_RESOLVE_USER")
+        state = WhisperrState(
+            client=self._client if self._client is not None else client_from_settings(app.config),
+            resolve_user=import_resolver(resolver),
+        )
+        app.extensions[EXTENSION_KEY] = state
+
+        def attach_whisperr() -> None:
+            request.whisperr = RequestWhisperr(  # type: ignore[attr-defined]
+                state,
+                request._get_current_object(),  # type: ignore[attr-defined]
+            )
+
+        # First, so that the app's own before_request hooks can use it too.
+        app.before_request_funcs.setdefault(None, []).insert(0, attach_whisperr)
+
+    @property
+    def client(self) -> DurableWhisperr:
+        """The current app's client; outside an app context, that of the app given to the
+        constructor, or the ``client`` given to it."""
+        if has_app_context():
+            state = current_app.extensions.get(EXTENSION_KEY)
+            if state is not None:
+                return state.client  # type: ignore[no-any-return]
+        if self._app is not None:
+            return self._app.extensions[EXTENSION_KEY].client  # type: ignore[no-any-return]
+        if self._client is not None:
+            return self._client
+        raise RuntimeError(
+            "no Whisperr client here: use it in an app context (with app.app_context():)"
+        )
+
+
+def current_client() -> DurableWhisperr:
+    """The client of the current Flask app, for code outside a request: CLI commands,
+    jobs run in ``with app.app_context():``. Raises ``RuntimeError`` without an app
+    context or where the app has no :class:`Whisperr`."""
+    if not has_app_context():
+        raise RuntimeError("current_client() needs an app context (with app.app_context():)")
+    state = current_app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise RuntimeError(f"Whisperr is not initialised on app {current_app.name!r}")
+    return state.client  # type: ignore[no-any-return]
