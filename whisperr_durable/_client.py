@@ -13,7 +13,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 
 from ._errors import WhisperrError
 from ._options import (
@@ -65,6 +65,17 @@ def key_fingerprint(api_key: str) -> str:
     return hashlib.sha256(b"whisperr_durable:" + api_key.encode("utf-8")).hexdigest()[:16]
 
 
+class _Stored(NamedTuple):
+    """What one write to the outbox came to, reported once the lock is released."""
+
+    stored: int
+    error: Optional[str]
+    evicted: int
+    lost: int
+    wake: bool
+    checkpoint: bool
+
+
 class DurableWhisperr:
     """A Whisperr client whose queue is a SQLite file on disk.
 
@@ -77,6 +88,7 @@ class DurableWhisperr:
     _group: list[tuple[int, str, int]]
     _group_added: int
     _group_stored: int
+    _group_leading: bool
 
     def __init__(
         self,
@@ -381,78 +393,110 @@ class DurableWhisperr:
 
         ``group``: commit them together with the ops other threads are appending at the same
         moment (group commit: one transaction, one fsync with ``fsync=True``, for all of
-        them). The call still returns only once a transaction holding its ops committed.
+        them). One thread at a time leads: once the commit before it is done, it takes every
+        op waiting and stores them; the others wait until a transaction holding theirs is
+        done, then return.
         """
-        error: Optional[str] = None
-        stored = evicted = lost = 0
-        wake = checkpoint = False
         if group:
-            with self._group_lock:
+            with self._group_done:
                 self._group.extend(ops)
                 self._group_added += len(ops)
                 ticket = self._group_added
-        with self._lock:
-            if group:
+                while self._group_stored < ticket and self._group_leading:
+                    self._group_done.wait()
                 if self._group_stored >= ticket:
                     return len(ops)  # another thread's transaction took them
-                with self._group_lock:
-                    ops = list(self._group)
-                    self._group.clear()
-                    self._group_stored = self._group_added
-            held = bool(self._overflow)
-            try:
-                if held:  # older ops wait in memory: they go first
-                    self._overflow.extend(ops)
-                    evicted = self._store_overflow_locked()
-                elif len(ops) == 1:
-                    _, evicted = self._outbox.append(*ops[0], self._options.max_queue_size)
-                else:
-                    evicted = self._outbox.append_many(ops, self._options.max_queue_size)
-            except StoreError as exc:
-                self._store_errors += len(ops)
-                if not held:  # the first failure of an episode is reported
-                    error = str(exc)
-                    self._overflow.extend(ops)
-                while len(self._overflow) > MAX_OVERFLOW:
-                    self._overflow.popleft()
-                    lost += 1
+                self._group_leading = True
+        through = 0
+        try:
+            with self._lock:
+                if group:
+                    with self._group_done:
+                        ops, self._group = self._group, []
+                        through = self._group_added
+                try:
+                    outcome = self._store_locked(ops)
+                except BaseException:  # not stored: the next thread to lead takes them
+                    if group:
+                        with self._group_done:
+                            self._group[:0] = ops
+                            through = 0
+                    raise
+        finally:
+            if group:
+                with self._group_done:
+                    self._group_stored = max(self._group_stored, through)
+                    self._group_leading = False
+                    self._group_done.notify_all()
+        self._after_store(outcome)
+        return outcome.stored
+
+    def _store_locked(self, ops: list[tuple[int, str, int]]) -> _Stored:
+        """Write ``ops`` (the lock held): to the outbox, or, while it fails, to memory."""
+        error: Optional[str] = None
+        stored = evicted = lost = 0
+        wake = checkpoint = False
+        held = bool(self._overflow)
+        try:
+            if held:  # older ops wait in memory: they go first
+                self._overflow.extend(ops)
+                evicted = self._store_overflow_locked()
+            elif len(ops) == 1:
+                _, evicted = self._outbox.append(*ops[0], self._options.max_queue_size)
             else:
-                stored = len(ops)
-                self._since_wake += stored
-                self._since_checkpoint += stored
-                wake = self._since_wake >= self._options.flush_at
-                if wake:
-                    self._since_wake = self._since_checkpoint = 0
-                checkpoint = self._since_checkpoint >= _CHECKPOINT_EVERY
-                if checkpoint:
-                    self._since_checkpoint = 0
-        if error is not None:
+                evicted = self._outbox.append_many(ops, self._options.max_queue_size)
+        except StoreError as exc:
+            self._store_errors += len(ops)
+            if not held:  # the first failure of an episode is reported
+                error = str(exc)
+                self._overflow.extend(ops)
+            while len(self._overflow) > MAX_OVERFLOW:
+                self._overflow.popleft()
+                lost += 1
+        else:
+            stored = len(ops)
+            self._since_wake += stored
+            self._since_checkpoint += stored
+            wake = self._since_wake >= self._options.flush_at
+            if wake:
+                self._since_wake = self._since_checkpoint = 0
+            checkpoint = self._since_checkpoint >= _CHECKPOINT_EVERY
+            if checkpoint:
+                self._since_checkpoint = 0
+        return _Stored(stored, error, evicted, lost, wake, checkpoint)
+
+    def _after_store(self, outcome: _Stored) -> None:
+        """Report and wake the sender, with no lock held: a callback may track."""
+        if outcome.error is not None:
             log.warning(
                 "whisperr_durable: the outbox cannot be written (%s); holding up to %d ops in "
                 "memory until it can",
-                error,
+                outcome.error,
                 MAX_OVERFLOW,
             )
-            self._emit(WhisperrError("store_error", f"the outbox cannot be written: {error}"))
-        if lost:
+            self._emit(
+                WhisperrError("store_error", f"the outbox cannot be written: {outcome.error}")
+            )
+        if outcome.lost:
             self._emit(
                 WhisperrError(
                     "dropped",
                     "the outbox cannot be written and the memory buffer "
-                    f"is full: dropped the {lost} oldest op(s)",
+                    f"is full: dropped the {outcome.lost} oldest op(s)",
                 )
             )
-        if evicted:
-            self._note_eviction(evicted)
-            self._emit(WhisperrError("dropped", f"queue full: evicted {evicted} oldest op(s)"))
+        if outcome.evicted:
+            self._note_eviction(outcome.evicted)
+            self._emit(
+                WhisperrError("dropped", f"queue full: evicted {outcome.evicted} oldest op(s)")
+            )
         self._emit_deferred()
         if not self._closed:
             self._sender.start()
-            if wake:
+            if outcome.wake:
                 self._sender.wake()
-            elif checkpoint:
+            elif outcome.checkpoint:
                 self._sender.checkpoint_soon()
-        return stored
 
     def _note_eviction(self, evicted: int) -> None:
         # A full queue evicts on every call: warn once a minute, with the count since.
@@ -520,9 +564,10 @@ class DurableWhisperr:
     def _reset_group(self) -> None:
         # Ops of track()/identify() calls waiting for a transaction, and how many were
         # added and taken into one, in all.
-        self._group_lock = threading.Lock()
+        self._group_done = threading.Condition(threading.Lock())
         self._group = []
         self._group_added = self._group_stored = 0
+        self._group_leading = False
 
     def _after_fork_in_child(self) -> None:
         # Another thread may have held the lock at fork time; it never unlocks in the child.

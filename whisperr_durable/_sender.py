@@ -41,6 +41,8 @@ _SPLIT_STATUSES = (400, 413)
 _POLL_WHILE_WAITING = 0.1
 # A lease outlives one request's timeout by this much.
 _LEASE_SLACK = 5.0
+# A long drain checkpoints after this many batches (the end of each cycle does too).
+_CHECKPOINT_EVERY_BATCHES = 8
 # The soonest a failed request is tried again, whatever Retry-After says.
 _MIN_RETRY_DELAY = 0.01
 
@@ -316,6 +318,7 @@ class Sender:
     def _drain(self, outbox: Outbox, take_over: bool, deadline: Optional[float]) -> None:
         """Send from the head until the queue is empty, backed off, blocked, or out of time."""
         options = self._options
+        batches = 0
         while not self._stop.is_set():
             now = time.monotonic()
             if now < self._not_before or (deadline is not None and now >= deadline):
@@ -343,7 +346,9 @@ class Sender:
                 return
             outcome = self._deliver(outbox, claim.rows, deadline)
             self._record(outbox)  # before a flush waiter hears of it
-            outbox.checkpoint()  # a long drain keeps the WAL short, off the callers' commits
+            batches += 1
+            if batches % _CHECKPOINT_EVERY_BATCHES == 0:  # keeps a long drain's WAL short
+                outbox.checkpoint()
             if outcome is None:
                 self._failures = 0
             else:
