@@ -324,7 +324,6 @@ class Outbox:
         self._inode = 0
         # Held around every use of the connection, so that a fork can wait for it to be idle.
         self._guard = threading.RLock()
-        self._file_lock = _file_lock(path)
         _live_outboxes.add(self)
 
     # ---- connection ----
@@ -470,14 +469,8 @@ class Outbox:
 
     @contextmanager
     def _write(self, *, same_file: bool = False) -> Iterator[sqlite3.Connection]:
-        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error.
-
-        The threads of this process take turns on the file lock here, in order, rather than
-        meet SQLITE_BUSY and sleep; only other processes are waited for by polling.
-        """
+        """A ``BEGIN IMMEDIATE`` transaction: committed on success, rolled back on error."""
         with self._guard:
-            if not self._file_lock.acquire(timeout=self._store_timeout):
-                raise StoreError("database is locked (by another thread of this process)")
             try:
                 conn = self._connection(same_file=same_file)
                 try:
@@ -495,8 +488,6 @@ class Outbox:
                     raise
             except (sqlite3.Error, OSError) as exc:
                 raise self._store_error(exc) from exc
-            finally:
-                self._file_lock.release()
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         with self._guard, self._sqlite_errors():
@@ -895,25 +886,19 @@ class Outbox:
             )
 
     def checkpoint(self, *, truncate: bool = False) -> None:
-        """Copy the WAL back into the database file, while this process's writers go on.
+        """Copy the WAL back into the database file, while writers go on.
 
         Under a steady stream of commits such a checkpoint never catches up, and the WAL
         file only grows until some caller's commit runs the automatic checkpoint (for
         milliseconds). So once the WAL holds ``_RESTART_WAL_FRAMES``, the last few pages are
-        copied with this process's writers held back for a moment: the checkpoint completes
-        and the next commit starts the WAL again from its beginning. ``truncate``: do that
-        now, and also empty the WAL file.
+        copied holding the write lock for a moment (RESTART): the checkpoint completes and
+        the next commit starts the WAL again from its beginning. If a writer holds the lock
+        just then, that waits for the next call. ``truncate``: do that now, and also empty
+        the WAL file.
         """
         ((_, frames, _),) = self._read("PRAGMA wal_checkpoint(PASSIVE)")
-        if frames < _RESTART_WAL_FRAMES and not truncate:
-            return
-        with self._guard:
-            if not self._file_lock.acquire(timeout=self._store_timeout):
-                return
-            try:
-                self._read(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})")
-            finally:
-                self._file_lock.release()
+        if frames >= _RESTART_WAL_FRAMES or truncate:
+            self._read(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'RESTART'})")
 
 
 # Fork: SQLite must not have a connection to the file open across fork(), or the child's
@@ -921,14 +906,6 @@ class Outbox:
 # a fork, wait for every outbox to be idle and close its connection; each reopens on use.
 _live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
 _held_for_fork: list[Outbox] = []
-# One lock per file for the write transactions of all threads of this process.
-_file_locks: dict[str, threading.Lock] = {}
-_file_locks_guard = threading.Lock()
-
-
-def _file_lock(path: str) -> threading.Lock:
-    with _file_locks_guard:
-        return _file_locks.setdefault(os.path.abspath(path), threading.Lock())
 _FORK_WAIT = 1.0
 
 
@@ -950,12 +927,8 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     # Every guard afresh: one we could not take is held by a thread the child does not have.
     _held_for_fork.clear()
-    global _file_locks_guard
-    _file_locks_guard = threading.Lock()
-    _file_locks.clear()
     for outbox in list(_live_outboxes):
         outbox._guard = threading.RLock()
-        outbox._file_lock = _file_lock(outbox.path)
 
 
 if hasattr(os, "register_at_fork"):
