@@ -853,3 +853,29 @@ def test_many_threads_lose_nothing_and_keep_each_threads_order(
     for n in range(8):
         mine = [e["properties"]["i"] for e in server.events if e["external_user_id"] == f"u{n}"]
         assert mine == list(range(100))
+
+
+def test_aflush_does_not_need_the_loops_default_executor(
+    server: DevServer, make_client: MakeClient
+) -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = make_client()
+    client.track("u1", "awaited")
+    release = threading.Event()
+
+    async def main() -> Any:
+        loop = asyncio.get_running_loop()
+        executor = ThreadPoolExecutor(max_workers=1)
+        loop.set_default_executor(executor)
+        busy = loop.run_in_executor(None, release.wait, 30)  # the only worker, taken
+        try:
+            return await asyncio.wait_for(client.aflush(timeout=10), timeout=20)
+        finally:
+            release.set()
+            await busy
+            executor.shutdown()
+
+    assert asyncio.run(main()).pending == 0
+    assert [e["event_type"] for e in server.events] == ["awaited"]

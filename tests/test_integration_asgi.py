@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import pytest
-from conftest import MakeClient
+from conftest import API_KEY, MakeClient
 from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 from starlette.authentication import (
@@ -30,10 +31,12 @@ from starlette.websockets import WebSocket
 
 from whisperr_durable import DurableWhisperr
 from whisperr_durable.devserver import DevServer
+from whisperr_durable.integrations import asgi
 from whisperr_durable.integrations.asgi import (
     BoundWhisperr,
     WhisperrMiddleware,
     default_user_id,
+    get_client,
     whisperr_dependency,
 )
 
@@ -430,3 +433,154 @@ def test_importing_the_package_imports_no_framework() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+class BrokenUser(BaseUser):
+    """A user whose ``id`` (``X-Broken: id``) or ``identity`` (``X-Broken: identity``)
+    raises, as a lazy attribute whose query fails would."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    @property
+    def is_authenticated(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "id" and self.what == "id":
+            raise RuntimeError("session store is down")
+        raise AttributeError(name)
+
+    @property
+    def identity(self) -> str:
+        raise ValueError("identity lookup failed")
+
+
+class BrokenAuth(AuthenticationBackend):
+    async def authenticate(
+        self, conn: HTTPConnection
+    ) -> Optional[tuple[AuthCredentials, BaseUser]]:
+        return AuthCredentials(["authenticated"]), BrokenUser(conn.headers["x-broken"])
+
+
+def test_a_user_whose_id_raises_binds_no_user(
+    make_client: MakeClient, server: DevServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client()
+    app = Starlette(
+        routes=[Route("/", track_endpoint)],
+        middleware=[
+            Middleware(WhisperrMiddleware, client=client),
+            Middleware(AuthenticationMiddleware, backend=BrokenAuth()),
+            Middleware(StateUserMiddleware),
+        ],
+    )
+    with TestClient(app) as http, caplog.at_level("DEBUG", logger="whisperr_durable"):
+        by_id = http.get("/", headers={"X-Broken": "id"})
+        by_identity = http.get("/", headers={"X-Broken": "identity"})
+        next_one = http.get("/", headers={"X-Broken": "id", "X-State-User": "u-5"})
+    assert (by_id.status_code, by_id.text) == (200, "BoundWhisperr(user_id=None)")
+    assert (by_identity.status_code, by_identity.text) == (200, "BoundWhisperr(user_id=None)")
+    assert next_one.text == "BoundWhisperr(user_id='u-5')"  # the next candidate is used
+    assert "session store is down" in caplog.text
+    assert "identity lookup failed" in caplog.text
+    assert client.flush(timeout=10)
+    assert user_ids(server) == ["u-5"]
+
+
+class StateAuthMiddleware:
+    """An app's own auth: ``request.state.auth`` (claims) from an ``X-Claims-User`` header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        user = (
+            HTTPConnection(scope).headers.get("x-claims-user") if scope["type"] == "http" else None
+        )
+        if user is not None:
+            scope.setdefault("state", {})["auth"] = {"userId": user, "scopes": ["read"]}
+        await self.app(scope, receive, send)
+
+
+def test_state_auth_after_the_users(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+    app = starlette_app(client)
+    app.add_middleware(StateUserMiddleware)
+    app.add_middleware(StateAuthMiddleware)
+    with TestClient(app) as http:
+        assert http.get("/", headers={"X-Claims-User": "c-1"}).text == (
+            "BoundWhisperr(user_id='c-1')"
+        )
+        http.get("/", headers={"X-Claims-User": "c-2", "X-State-User": "s-2"})  # user first
+        http.get("/", headers={"X-Claims-User": "c-3", "X-User": "alice"})  # user first
+    assert client.flush(timeout=10)
+    assert user_ids(server) == ["c-1", "s-2", "alice"]
+
+
+@pytest.fixture
+def environment_client(
+    server: DevServer, db_path: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """``WHISPERR_*`` environment variables for the test's server and outbox; the
+    process-wide client is shut down and forgotten before and after."""
+    asgi._reset_client()
+    monkeypatch.setenv("WHISPERR_API_KEY", API_KEY)
+    monkeypatch.setenv("WHISPERR_BASE_URL", server.url)
+    monkeypatch.setenv("WHISPERR_DB_PATH", db_path)
+    yield db_path
+    asgi._reset_client()
+
+
+def test_without_a_client_the_environment_configures_one(
+    environment_client: str, server: DevServer
+) -> None:
+    app = FastAPI()
+    app.add_middleware(WhisperrMiddleware)
+    app.add_middleware(AuthenticationMiddleware, backend=HeaderAuth())
+    whisperr = whisperr_dependency()
+
+    @app.get("/middleware")
+    def by_middleware(request: Request) -> dict[str, Any]:
+        request.state.whisperr.track("by_middleware")
+        return {}
+
+    @app.get("/dependency")
+    async def by_dependency(w: BoundWhisperr = Depends(whisperr)) -> dict[str, Any]:  # noqa: B008
+        w.track("by_dependency")
+        return {}
+
+    with TestClient(app) as http:
+        assert http.get("/middleware", headers={"X-User": "env-1"}).status_code == 200
+        assert http.get("/dependency", headers={"X-User": "env-2"}).status_code == 200
+    client = get_client()
+    assert client is get_client()
+    assert client.path == environment_client
+    assert client.flush(timeout=10)
+    assert sorted((e["external_user_id"], e["event_type"]) for e in server.events) == [
+        ("env-1", "by_middleware"),
+        ("env-2", "by_dependency"),
+    ]
+
+
+def test_get_client_builds_one_client_across_threads(environment_client: str) -> None:
+    start = threading.Barrier(8, timeout=10)
+
+    def first_use(_: int) -> DurableWhisperr:
+        start.wait()
+        return get_client()
+
+    with ThreadPoolExecutor(8) as pool:
+        clients = list(pool.map(first_use, range(8)))
+    assert len({id(client) for client in clients}) == 1
+    assert clients[0].path == environment_client
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("WHISPERR_DISABLED", "false"), ("WHISPERR_FLUSH_AT", "5")]
+)
+def test_environment_strings_are_converted(
+    environment_client: str, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert get_client().ready

@@ -11,7 +11,7 @@ from conftest import API_KEY, MakeClient
 
 from whisperr_durable.devserver import DevServer
 from whisperr_durable.integrations import BoundWhisperr, client_from_settings, resolve_user_id
-from whisperr_durable.integrations._common import bound, import_resolver
+from whisperr_durable.integrations._common import bound, first_user_id, import_resolver
 
 
 @pytest.mark.parametrize(
@@ -118,3 +118,92 @@ def test_client_from_settings_reads_a_mapping_or_an_object(
     finally:
         a.shutdown(timeout=0.5)
         b.shutdown(timeout=0.5)
+
+
+def test_a_uuid_from_a_resolver_is_the_id_itself() -> None:
+    import uuid
+
+    key = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert resolve_user_id(key) == "12345678-1234-5678-1234-567812345678"
+    assert resolve_user_id(SimpleNamespace(pk=key)) == "12345678-1234-5678-1234-567812345678"
+
+
+def test_an_async_resolver_is_refused_up_front() -> None:
+    async def resolve(request: Any) -> Optional[str]:
+        return "never awaited"
+
+    class AsyncCallable:
+        async def __call__(self, request: Any) -> Optional[str]:
+            return "never awaited"
+
+    with pytest.raises(TypeError, match="not async"):
+        import_resolver(resolve)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not async"):
+        import_resolver(AsyncCallable())  # type: ignore[arg-type]
+
+
+def test_a_user_whose_id_property_raises_is_no_user() -> None:
+    class Broken:
+        is_authenticated = True
+
+        @property
+        def id(self) -> str:
+            raise RuntimeError("session store down")
+
+    assert first_user_id(Broken(), {"sub": "fallback"}) == "fallback"
+    assert first_user_id(Broken()) is None
+
+
+def on_error_sink(error: Any) -> None:
+    ERRORS.append(error)
+
+
+ERRORS: list[Any] = []
+
+
+def test_strict_and_a_dotted_on_error_from_settings(server: DevServer, tmp_path: Any) -> None:
+    client = client_from_settings(
+        {
+            "WHISPERR_API_KEY": API_KEY,
+            "WHISPERR_BASE_URL": server.url,
+            "WHISPERR_DB_PATH": str(tmp_path / "s.db"),
+            "WHISPERR_STRICT": True,
+            "WHISPERR_ON_ERROR": f"{__name__}.on_error_sink",
+            "WHISPERR_MAX_QUEUE_SIZE": 1,
+        }
+    )
+    try:
+        with pytest.raises(ValueError):
+            client.track("", "no_user_id")  # strict: an invalid call raises
+        client.track("u1", "first")
+        client.track("u1", "second")  # evicts the first: reported to on_error
+        assert [e.type for e in ERRORS] == ["dropped"]
+    finally:
+        ERRORS.clear()
+        client.shutdown(timeout=0.5)
+
+
+def test_settings_given_as_text_take_the_options_types(tmp_path: Any) -> None:
+    client = client_from_settings(
+        {
+            "WHISPERR_API_KEY": API_KEY,
+            "WHISPERR_DB_PATH": str(tmp_path / "t.db"),
+            "WHISPERR_DISABLED": "false",
+            "WHISPERR_FSYNC": "0",
+            "WHISPERR_FLUSH_AT": " 7 ",
+            "WHISPERR_FLUSH_INTERVAL": "2.5",
+            "WHISPERR_MAX_QUEUE_SIZE": "3",
+        }
+    )
+    try:
+        assert client.ready
+        assert (client._options.fsync, client._options.flush_at) == (False, 7)
+        assert client._options.flush_interval == 2.5
+        for _ in range(5):
+            client.track("u1", "bounded")
+        assert client.stats().pending == 3
+    finally:
+        client.shutdown(timeout=0.5)
+    assert client_from_settings({"WHISPERR_DISABLED": "yes"}).ready is False
+    with pytest.raises(ValueError, match="WHISPERR_FLUSH_AT"):
+        client_from_settings({"WHISPERR_API_KEY": API_KEY, "WHISPERR_FLUSH_AT": "many"})

@@ -10,6 +10,7 @@ process-wide client (the integration listens to ``setting_changed``).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -90,6 +91,30 @@ async def async_signup_view(request: HttpRequest) -> HttpResponse:
     return HttpResponse(str(user.pk))
 
 
+async def async_track_several_view(request: HttpRequest) -> HttpResponse:
+    for n in range(3):
+        request.whisperr.track("async_event", {"n": n})
+    return JsonResponse({"user_id": request.whisperr.user_id})
+
+
+async def async_signup_with_resolver_view(request: HttpRequest) -> HttpResponse:
+    from django.contrib.auth import alogin
+    from django.contrib.auth.models import User
+
+    user = await User.objects.aget(username=request.GET["username"])
+    await alogin(request, user)
+    request.whisperr.track("before_the_id_is_set")  # a resolver is not called in the loop
+    request.whisperr.user_id = f"u-{user.username}"
+    request.whisperr.track("signed_up")
+    return HttpResponse("ok")
+
+
+def set_user_id_view(request: HttpRequest) -> HttpResponse:
+    request.whisperr.user_id = request.GET["uid"]
+    request.whisperr.track("explicit")
+    return JsonResponse({"user_id": request.whisperr.user_id})
+
+
 client_seen: list[Any] = []
 
 
@@ -106,6 +131,9 @@ urlpatterns = [
     path("async/", async_track_view),
     path("async-signup/", async_signup_view),
     path("client/", client_view),
+    path("async-several/", async_track_several_view),
+    path("async-signup-resolver/", async_signup_with_resolver_view),
+    path("set-user-id/", set_user_id_view),
 ]
 
 
@@ -118,6 +146,39 @@ def account_from_header(request: HttpRequest) -> Any:
 
 def failing_resolver(request: HttpRequest) -> Optional[str]:
     raise RuntimeError("resolver failed")
+
+
+resolver_calls: list[tuple[int, bool]] = []
+
+
+def recording_resolver(request: HttpRequest) -> Optional[str]:
+    """Finds no user; records the thread it ran in and whether an event loop runs there."""
+    try:
+        asyncio.get_running_loop()
+        in_loop = True
+    except RuntimeError:
+        in_loop = False
+    resolver_calls.append((threading.get_ident(), in_loop))
+    return None
+
+
+class _RaisingPkUser:
+    """An authenticated user whose ``pk`` property raises (a broken custom user model)."""
+
+    is_authenticated = True
+
+    @property
+    def pk(self) -> Any:
+        raise RuntimeError("pk is broken")
+
+
+class RaisingPkUserMiddleware:
+    def __init__(self, get_response: Any) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> Any:
+        request.user = _RaisingPkUser()
+        return self.get_response(request)
 
 
 class _UuidUser:
@@ -363,6 +424,96 @@ def test_async_path_runs_a_resolver_that_reads_the_database(
         flushed()
     assert response.json()["user_id"] == f"u-{user.username}"
     assert [e["external_user_id"] for e in server.events] == [f"u-{user.username}"]
+
+
+def test_async_anonymous_session_is_not_looked_up_in_the_loop(
+    whisperr_settings: Any, server: DevServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A visitor whose session names a user that is gone: request.auser() finds no one, and
+    # request.user stays an unloaded lazy object; loading it in the event loop would be a
+    # query Django refuses (SynchronousOnlyOperation).
+    user = make_user()
+    client = AsyncClient()
+    client.force_login(user)
+    user.delete()
+    caplog.set_level(logging.DEBUG, logger="whisperr_durable")
+    response = asyncio.run(client.get("/async-several/"))
+    assert response.status_code == 200
+    assert response.json() == {"user_id": None}
+    assert get_client().stats().pending == 0
+    raised = [r for r in caplog.records if r.exc_info]
+    assert raised == [], [r.exc_info[1] for r in raised if r.exc_info]
+    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 3  # each track() said why it did nothing
+
+
+def test_async_path_calls_a_resolver_once_outside_the_loop(
+    whisperr_settings: Any, server: DevServer
+) -> None:
+    client = AsyncClient()
+    session = client.session
+    session["cart"] = [1]
+    session.save()
+    resolver_calls.clear()
+    with override_settings(WHISPERR_RESOLVE_USER=f"{__name__}.recording_resolver"):
+        response = asyncio.run(client.get("/async-several/"))
+        assert get_client().stats().pending == 0
+    assert response.json() == {"user_id": None}
+    # Once, at request start, in a worker thread; never again from track() in the loop.
+    assert [in_loop for _, in_loop in resolver_calls] == [False]
+
+
+def test_async_view_under_a_sync_stack_calls_no_resolver_in_the_loop(
+    whisperr_settings: Any, server: DevServer
+) -> None:
+    # The sync test client: the middleware runs sync, the async view in an event loop.
+    resolver_calls.clear()
+    with override_settings(WHISPERR_RESOLVE_USER=f"{__name__}.recording_resolver"):
+        assert Client().get("/async-several/").json() == {"user_id": None}
+        assert get_client().stats().pending == 0
+    assert [in_loop for _, in_loop in resolver_calls] == [False]
+
+
+def test_async_alogin_with_a_resolver_then_set_user_id(
+    whisperr_settings: Any, server: DevServer
+) -> None:
+    user = make_user()
+    resolver_calls.clear()
+    with override_settings(WHISPERR_RESOLVE_USER=f"{__name__}.recording_resolver"):
+        response = asyncio.run(
+            AsyncClient().get("/async-signup-resolver/", {"username": user.username})
+        )
+        assert response.status_code == 200
+        flushed()
+    assert [in_loop for _, in_loop in resolver_calls] == [False]
+    assert [(e["event_type"], e["external_user_id"]) for e in server.events] == [
+        ("signed_up", f"u-{user.username}")
+    ]
+
+
+def test_setting_user_id_binds_it(whisperr_settings: Any, server: DevServer) -> None:
+    # Anonymous, then a logged-in user: the id set wins, normalised like any other.
+    assert Client().get("/set-user-id/", {"uid": " u_123 "}).json() == {"user_id": "u_123"}
+    assert logged_in(make_user()).get("/set-user-id/", {"uid": "u_456"}).json() == {
+        "user_id": "u_456"
+    }
+    flushed()
+    assert [e["external_user_id"] for e in server.events] == ["u_123", "u_456"]
+
+
+def test_a_user_whose_pk_raises_is_no_user(
+    whisperr_settings: Any, server: DevServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="whisperr_durable")
+    with override_settings(MIDDLEWARE=[f"{__name__}.RaisingPkUserMiddleware", OURS]):
+        assert Client().get("/track/").json() == {"user_id": None}
+        response = asyncio.run(AsyncClient().get("/async-several/"))
+        assert response.status_code == 200
+        assert response.json() == {"user_id": None}
+        assert get_client().stats().pending == 0
+    assert any(r.exc_info and "pk is broken" in str(r.exc_info[1]) for r in caplog.records), (
+        caplog.records
+    )
 
 
 def test_settings_names(whisperr_settings: Any, server: DevServer, db_path: str) -> None:

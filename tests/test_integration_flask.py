@@ -7,6 +7,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
 import click
@@ -533,4 +534,121 @@ def test_flask_login_user_comes_before_g_user(make_app: MakeApp, server: DevServ
     assert [(e["external_user_id"], e["event_type"]) for e in server.events] == [
         ("g-user", "anonymous"),
         ("u-1", "logged_in"),
+    ]
+
+
+class BrokenIdUser:
+    """A user object whose ``id`` property raises (a lazy attribute whose query fails)."""
+
+    is_authenticated = True
+
+    @property
+    def id(self) -> str:
+        raise RuntimeError("session expired")
+
+
+def test_a_default_lookup_that_raises_binds_no_user(
+    make_client: MakeClient, server: DevServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client()
+    app = Flask(__name__)
+    app.config["SECRET_KEY"] = "test-secret"
+    login_manager = flask_login.LoginManager(app)
+
+    def load_user(user_id: str) -> Optional[User]:
+        raise ConnectionError("user database is down")
+
+    login_manager.user_loader(load_user)
+    Whisperr(app, client=client)
+
+    @app.before_request
+    def app_users() -> None:
+        if "X-G-User" in request.headers:
+            g.user = {"id": request.headers["X-G-User"]}
+        if "X-Broken-G-User" in request.headers:
+            g.user = BrokenIdUser()
+        if "X-Request-User" in request.headers:
+            request.user = request.headers["X-Request-User"]  # type: ignore[attr-defined]
+
+    @app.post("/in")
+    def log_in() -> str:
+        flask_login.login_user(USERS["u-1"])  # stores the id; later requests load it
+        return "ok"
+
+    @app.post("/t")
+    def t() -> str:
+        here().track("seen")
+        return str(here().user_id)
+
+    http = app.test_client()
+    http.post("/in")
+    with caplog.at_level("DEBUG", logger="whisperr_durable"):
+        alone = http.post("/t")
+        after_loader = http.post("/t", headers={"X-G-User": "g-1"})
+        after_broken = http.post("/t", headers={"X-Broken-G-User": "1", "X-Request-User": "r-2"})
+    assert (alone.status_code, alone.get_data(as_text=True)) == (200, "None")
+    assert (after_loader.status_code, after_loader.get_data(as_text=True)) == (200, "g-1")
+    assert (after_broken.status_code, after_broken.get_data(as_text=True)) == (200, "r-2")
+    assert "user database is down" in caplog.text
+    assert "session expired" in caplog.text
+    assert client.flush(timeout=10)
+    assert [e["external_user_id"] for e in server.events] == ["g-1", "r-2"]
+
+
+def test_auth_objects_after_the_users(make_client: MakeClient, server: DevServer) -> None:
+    client = make_client()
+    app = Flask(__name__)
+    Whisperr(app, client=client)
+
+    @app.before_request
+    def authenticate() -> None:
+        if "X-G-Auth" in request.headers:
+            g.auth = {"user_id": request.headers["X-G-Auth"], "scopes": ["read"]}
+        if "X-Request-Auth" in request.headers:
+            claims = SimpleNamespace(userId=request.headers["X-Request-Auth"])
+            request.auth = claims  # type: ignore[attr-defined]
+        if "X-G-User" in request.headers:
+            g.user = {"id": request.headers["X-G-User"]}
+
+    @app.post("/t")
+    def t() -> str:
+        here().track("seen")
+        return "ok"
+
+    http = app.test_client()
+    http.post("/t", headers={"X-G-Auth": "ga-1"})
+    http.post("/t", headers={"X-Request-Auth": "ra-2"})
+    http.post("/t", headers={"X-G-Auth": "ga-3", "X-Request-Auth": "ra-3"})  # g.auth first
+    http.post("/t", headers={"X-G-Auth": "ga-4", "X-G-User": "gu-4"})  # a user wins
+    assert client.flush(timeout=10)
+    assert [e["external_user_id"] for e in server.events] == ["ga-1", "ra-2", "ga-3", "gu-4"]
+
+
+def test_user_id_can_be_set_during_the_request(make_app: MakeApp, server: DevServer) -> None:
+    app = make_app()
+
+    @app.post("/signup")
+    def signup() -> str:
+        here().track("before_signup")  # no user yet: nothing
+        here().user_id = "u_123"
+        here().track("signed_up")
+        return str(here().user_id)
+
+    @app.post("/as-object")
+    def as_object() -> str:
+        here().user_id = {"id": 77}
+        here().track("bound_to_object")
+        here().user_id = None
+        here().track("looked_up_again")  # Flask-Login's user
+        return "ok"
+
+    http = app.test_client()
+    assert http.post("/signup").get_data(as_text=True) == "u_123"
+    http.post("/login/u-2")
+    assert http.post("/as-object").status_code == 200
+    assert client_of(app).flush(timeout=10)
+    assert [(e["external_user_id"], e["event_type"]) for e in server.events] == [
+        ("u_123", "signed_up"),
+        ("77", "bound_to_object"),
+        ("u-2", "looked_up_again"),
     ]

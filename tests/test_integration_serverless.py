@@ -11,6 +11,7 @@ import inspect
 import logging
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,10 +132,47 @@ def test_the_flush_ends_a_safety_margin_before_the_invocation_deadline(
         client.track("u1", "invoked")
         return "done"
 
+    started = time.monotonic()
     context = LambdaContext(1_200)  # 1.2 s left: the flush gets about 0.7 s of it
     assert handler({}, context) == "done"
+    elapsed = time.monotonic() - started
+    # The flush ran (a server that cannot answer holds it to its budget), and was capped.
+    assert 0.6 <= elapsed < 0.7 + SLACK, elapsed
     assert context.get_remaining_time_in_millis() >= 300
     assert client.stats().pending == 1
+
+
+def test_a_method_handler_gets_the_deadline_cap_from_its_context(
+    server: DevServer, make_client: MakeClient, tmp_path: Path
+) -> None:
+    down = make_client(path=str(tmp_path / "down.db"), base_url=unused_url())
+
+    class Handler:
+        def __init__(self, client: Any) -> None:
+            self.client = client
+
+        @flush_before_return(down, timeout=5.0, safety_margin=0.5)
+        def handle(self, event: dict[str, Any], context: Any) -> str:
+            self.client.track("u1", "invoked")
+            return "done"
+
+    started = time.monotonic()
+    context = LambdaContext(1_200)  # (self, event, context): the context is the third
+    assert Handler(down).handle({}, context) == "done"
+    elapsed = time.monotonic() - started
+    assert 0.6 <= elapsed < 0.7 + SLACK, elapsed  # not the 5 s timeout
+    assert down.stats().pending == 1
+
+    # And with a server that answers, the method's events are delivered before it returns.
+    up = make_client()
+
+    class Up:
+        @flush_before_return(up, timeout=5.0)
+        def handle(self, event: dict[str, Any], context: Any) -> None:
+            up.track(event["user"], "invoked")
+
+    Up().handle({"user": "m1"}, LambdaContext(30_000))
+    assert users(server) == ["m1"]
 
 
 def test_no_time_left_means_no_flush_and_an_immediate_return(

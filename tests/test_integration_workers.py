@@ -1,4 +1,4 @@
-"""Worker processes: a real Celery prefork worker, and a multiprocessing pool.
+"""Worker processes: a real Celery prefork worker, RQ's work-horse model, a multiprocessing pool.
 
 Pool children end with ``os._exit`` (billiard's and multiprocessing's), which runs no atexit
 handler: what a child tracked and did not deliver stays in the outbox until a process runs
@@ -7,6 +7,7 @@ a sender on that file. These tests run the recipes the README gives for that.
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -17,13 +18,14 @@ import textwrap
 from collections import Counter
 from multiprocessing.util import Finalize
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
-from conftest import API_KEY, MakeClient
+from conftest import API_KEY, MakeClient, run_forked
 
 from whisperr_durable import DurableWhisperr
 from whisperr_durable.devserver import DevServer
+from whisperr_durable.integrations.serverless import flush_before_return
 
 # ---- Celery: a real worker, prefork pool, filesystem broker (no server to run) ----
 
@@ -306,3 +308,92 @@ def test_a_terminated_pool_leaves_its_events_on_disk_for_the_parents_flush(
     assert pool_client.flush(10)
     assert pool_indexes(server) == Counter(range(n))
     assert len(server.message_ids) == n and server.duplicates == 0
+
+
+# ---- RQ: a forked work-horse per job, ended with os._exit(0) ----
+#
+# RQ needs Redis, so its model is reproduced here: the worker process imports the app (which
+# makes the client), then for each job forks a work-horse that runs the job function and
+# ends with os._exit(0), which runs no atexit handler; the worker waits for it.
+# run_forked() is that fork, os._exit and wait, with a timeout.
+
+
+def rq_indexes(server: DevServer) -> Counter[int]:
+    return Counter(e["properties"]["job"] for e in server.events if e["event_type"] == "rq_job")
+
+
+def _work_horse(job: Callable[[int], None], i: int) -> int:
+    job(i)
+    return 0  # run_forked ends the child with os._exit(0), as RQ's work-horse does
+
+
+def run_work_horses(
+    job: Callable[[int], None], n: int, after_each: Optional[Callable[[int], None]] = None
+) -> None:
+    """Run ``job(i)`` for i in range(n), each in its own forked work-horse, one at a time."""
+    for i in range(n):
+        assert run_forked(functools.partial(_work_horse, job, i)) == 0, f"job {i} failed"
+        if after_each is not None:
+            after_each(i)
+
+
+def test_rq_work_horses_deliver_their_events_with_flush_before_return(
+    server: DevServer, make_client: MakeClient
+) -> None:
+    client = make_client()  # the worker process imported the app: one client, before any fork
+
+    @flush_before_return(client, timeout=10.0)
+    def export_report(job: int) -> None:
+        client.track(f"user_{job}", "rq_job", {"job": job, "part": 1})
+        client.track(f"user_{job}", "rq_job", {"job": job, "part": 2})
+
+    def delivered_by_the_horse(job: int) -> None:
+        # The work-horse is gone and the worker has flushed nothing: its events are there.
+        assert rq_indexes(server)[job] == 2, server.events
+
+    n = 4
+    run_work_horses(export_report, n, delivered_by_the_horse)
+    assert rq_indexes(server) == Counter({job: 2 for job in range(n)})
+    assert len(server.message_ids) == 2 * n and server.duplicates == 0
+    assert client.stats().pending == 0
+
+
+def test_rq_work_horses_without_a_flush_leave_their_events_for_the_workers_flush(
+    server: DevServer, make_client: MakeClient
+) -> None:
+    client = make_client()
+
+    def export_report(job: int) -> None:
+        client.track(f"user_{job}", "rq_job", {"job": job})
+
+    n = 4
+    run_work_horses(export_report, n)
+    # os._exit(0) ran no exit flush: every event is in the file, none at the server.
+    assert server.events == []
+    assert client.stats().pending == n
+    assert client.flush(10)
+    assert rq_indexes(server) == Counter(range(n))
+    assert len(server.message_ids) == n and server.duplicates == 0
+    assert client.stats().pending == 0
+
+
+# ---- importing the package loads no framework ----
+
+FRAMEWORKS = ("django", "flask", "flask_login", "starlette", "fastapi", "celery")
+
+
+def test_importing_the_package_and_the_serverless_module_loads_no_framework() -> None:
+    code = (
+        "import sys\n"
+        "import whisperr_durable\n"
+        "import whisperr_durable.integrations\n"
+        "import whisperr_durable.integrations.serverless\n"
+        f"banned = {FRAMEWORKS!r}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & set(banned)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

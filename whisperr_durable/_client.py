@@ -310,12 +310,33 @@ class DurableWhisperr:
         return self._flush(timeout, retry=True)
 
     async def aflush(self, timeout: Optional[float] = None) -> FlushResult:
-        """``flush()`` for asyncio code: the wait happens in the loop's default executor, so
-        the event loop keeps running. Cancelling the await does not stop the flush, which
-        ends by itself within ``timeout``."""
+        """``flush()`` for asyncio code: the wait happens on a thread of its own, so the
+        event loop keeps running (and the loop's default executor stays free). ``timeout``
+        bounds it as for ``flush()``; ``None`` waits until delivery completes or cannot
+        proceed. Cancelling the await does not stop the flush, which ends by itself."""
         import asyncio
 
-        return await asyncio.get_running_loop().run_in_executor(None, self.flush, timeout)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[FlushResult] = loop.create_future()
+
+        def settle(result: FlushResult, error: Optional[BaseException]) -> None:
+            if done.cancelled():
+                return
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
+
+        def run() -> None:
+            try:
+                result = self.flush(timeout)
+            except Exception as exc:
+                loop.call_soon_threadsafe(settle, FlushResult(), exc)
+            else:
+                loop.call_soon_threadsafe(settle, result, None)
+
+        threading.Thread(target=run, name="whisperr-durable-aflush", daemon=True).start()
+        return await done
 
     def _flush(self, timeout: Optional[float], *, retry: bool) -> FlushResult:
         if self._disabled or not (self._overflow or os.path.exists(self._options.path)):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import uuid
 from collections.abc import Mapping
 from importlib import import_module
 from typing import Any, Callable, Optional, Union
@@ -35,6 +37,7 @@ _OPTIONS = {
     "WHISPERR_MAX_DEAD_LETTERS": "max_dead_letters",
     "WHISPERR_FSYNC": "fsync",
     "WHISPERR_ON_ERROR": "on_error",
+    "WHISPERR_STRICT": "strict",
 }
 
 
@@ -45,15 +48,43 @@ def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhis
     ``WHISPERR_API_KEY`` (else the ``WHISPERR_API_KEY`` environment variable), and
     ``WHISPERR_BASE_URL``, ``WHISPERR_DISABLED``, ``WHISPERR_DEBUG``, ``WHISPERR_APP_VERSION``
     as in the official SDK; ``WHISPERR_DB_PATH`` and ``WHISPERR_<OPTION>`` for the durable
-    options (``WHISPERR_FLUSH_AT``, ``WHISPERR_MAX_QUEUE_SIZE``, ``WHISPERR_FSYNC``, ...).
+    options (``WHISPERR_FLUSH_AT``, ``WHISPERR_MAX_QUEUE_SIZE``, ``WHISPERR_FSYNC``,
+    ``WHISPERR_STRICT``, ...). ``WHISPERR_ON_ERROR`` is a callable or its dotted path.
     """
     get = settings.get if isinstance(settings, Mapping) else _attribute_getter(settings)
     options: dict[str, Any] = {}
     for name, option in _OPTIONS.items():
         value = get(name, None)
         if value is not None:
-            options[option] = value
+            options[option] = _from_text(name, option, value) if isinstance(value, str) else value
+    if isinstance(options.get("on_error"), str):
+        options["on_error"] = _import_callable(options["on_error"], "WHISPERR_ON_ERROR")
     return DurableWhisperr(get("WHISPERR_API_KEY", None), **options)
+
+
+_FLAGS = frozenset({"disabled", "debug", "fsync", "strict"})
+_INTEGERS = frozenset(
+    {"flush_at", "max_queue_size", "max_batch_size", "max_retries", "max_dead_letters"}
+)
+_NUMBERS = frozenset({"flush_interval", "request_timeout", "shutdown_timeout", "store_timeout"})
+
+
+def _from_text(name: str, option: str, text: str) -> Any:
+    """A setting given as text (an environment variable, say) as the option's type."""
+    value = text.strip()
+    try:
+        if option in _FLAGS:
+            flag = {"1": True, "true": True, "yes": True, "on": True}.get(value.lower())
+            if flag is None and value.lower() not in ("0", "false", "no", "off", ""):
+                raise ValueError
+            return bool(flag)
+        if option in _INTEGERS:
+            return int(value)
+        if option in _NUMBERS:
+            return float(value)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a valid value for {option}") from None
+    return text
 
 
 def _attribute_getter(settings: Any) -> Callable[[str, Any], Any]:
@@ -65,11 +96,11 @@ def resolve_user_id(user: Any) -> Optional[str]:
 
     Tries ``id``, ``pk``, ``sub``, ``user_id``, ``userId`` as attributes or keys; an object
     whose ``is_authenticated`` is false (Django's, Flask-Login's and Starlette's anonymous
-    users) has none. A string or an int is taken as the id itself.
+    users) has none. A string, an int or a UUID is taken as the id itself.
     """
     if user is None or isinstance(user, bool):
         return None
-    if isinstance(user, (str, int)):
+    if isinstance(user, (str, int, uuid.UUID)):
         text = str(user).strip()
         return text or None
     if getattr(user, "is_authenticated", True) is False:
@@ -82,15 +113,28 @@ def resolve_user_id(user: Any) -> Optional[str]:
 
 
 def import_resolver(resolver: Union[str, ResolveUser, None]) -> Optional[ResolveUser]:
-    """A ``resolve_user`` callable from itself or its dotted path (``"app.auth.whisperr_id"``)."""
-    if resolver is None or callable(resolver):
-        return resolver
-    module_path, _, attr = resolver.rpartition(".")
+    """A ``resolve_user`` callable from itself or its dotted path (``"app.auth.whisperr_id"``).
+
+    It must be a plain function (it is called where the request is at hand, sync): an
+    ``async def`` one raises ``TypeError`` here rather than bind no user later.
+    """
+    if resolver is None:
+        return None
+    resolved = _import_callable(resolver, "resolve_user") if isinstance(resolver, str) else resolver
+    if inspect.iscoroutinefunction(resolved) or inspect.iscoroutinefunction(
+        getattr(resolved, "__call__", None)  # noqa: B004
+    ):
+        raise TypeError(f"resolve_user must be a plain (not async) function: {resolver!r}")
+    return resolved
+
+
+def _import_callable(dotted: str, what: str) -> Callable[..., Any]:
+    module_path, _, attr = dotted.rpartition(".")
     if not module_path:
-        raise ValueError(f"resolve_user must be a callable or a dotted path, not {resolver!r}")
+        raise ValueError(f"{what} must be a callable or a dotted path, not {dotted!r}")
     resolved = getattr(import_module(module_path), attr)
     if not callable(resolved):
-        raise ValueError(f"{resolver} is not callable")
+        raise ValueError(f"{dotted} is not callable")
     return resolved  # type: ignore[no-any-return]
 
 
@@ -140,8 +184,18 @@ def bound(
             log.debug("whisperr_durable: resolve_user raised; no user bound", exc_info=True)
             user_id = None
         return BoundWhisperr(client, resolve_user_id(user_id))
-    for candidate in candidates[1:]:
-        user_id = resolve_user_id(candidate)
+    return BoundWhisperr(client, first_user_id(*candidates[1:]))
+
+
+def first_user_id(*candidates: Any) -> Optional[str]:
+    """The id of the first candidate that has one. A user object whose id property raises
+    counts as no user (logged at DEBUG): the request goes on."""
+    for candidate in candidates:
+        try:
+            user_id = resolve_user_id(candidate)
+        except Exception:
+            log.debug("whisperr_durable: reading a user's id raised; skipped", exc_info=True)
+            continue
         if user_id is not None:
-            return BoundWhisperr(client, user_id)
-    return BoundWhisperr(client, None)
+            return user_id
+    return None

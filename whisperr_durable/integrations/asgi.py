@@ -2,30 +2,42 @@
 
 As middleware (Starlette or FastAPI)::
 
-    app.add_middleware(WhisperrMiddleware, client=client)
+    app.add_middleware(WhisperrMiddleware)
 
     async def endpoint(request):
         request.state.whisperr.track("plan_upgraded", {"plan": "pro"})
 
 As a FastAPI dependency (no middleware needed)::
 
-    whisperr = whisperr_dependency(client)
+    whisperr = whisperr_dependency()
 
     @app.post("/upgrade")
     def upgrade(w: BoundWhisperr = Depends(whisperr)):
         w.track("plan_upgraded", {"plan": "pro"})
 
+Both take ``client=`` (a ``DurableWhisperr``); without it they use :func:`get_client`, one
+process-wide client built on first use from the ``WHISPERR_*`` environment variables
+(``WHISPERR_API_KEY``, ``WHISPERR_DB_PATH``, ``WHISPERR_BASE_URL``, ...; see
+:func:`~whisperr_durable.integrations.client_from_settings`). Outside a request (background
+tasks, workers in the same process) use ``get_client()`` with the user id from your data.
+
 The user is looked up when ``track()`` or ``identify()`` is first called, not when the
 request comes in, so a user that authentication middleware or a dependency sets later in
-the request is found. By default it is ``scope["user"]`` (``request.user``, set by
-Starlette's ``AuthenticationMiddleware``), then ``request.state.user``; ``resolve_user``
-(a callable taking the request, or its dotted path) replaces both. No user, no event.
+the request is found. By default it is the first of ``scope["user"]`` (``request.user``,
+set by Starlette's ``AuthenticationMiddleware``), ``request.state.user`` and
+``request.state.auth`` (an auth object or claims with ``user_id``, ``userId``, ``id`` or
+``sub``) that has an id; a lookup that raises counts as no user (logged at DEBUG).
+``resolve_user`` (a callable taking the request, or its dotted path) replaces these. No
+user, no event; ``request.state.whisperr.user_id = "u_123"`` binds one outright.
 
 Only Starlette is imported here; FastAPI is not needed to use either helper.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from collections.abc import Awaitable, MutableMapping
 from typing import Any, Callable, Optional, Union
 
@@ -34,9 +46,44 @@ from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._client import DurableWhisperr
-from ._common import BoundWhisperr, ResolveUser, bound, import_resolver, resolve_user_id
+from ._common import (
+    BoundWhisperr,
+    ResolveUser,
+    bound,
+    client_from_settings,
+    import_resolver,
+    resolve_user_id,
+)
 
-__all__ = ["BoundWhisperr", "WhisperrMiddleware", "whisperr_dependency"]
+__all__ = ["BoundWhisperr", "WhisperrMiddleware", "get_client", "whisperr_dependency"]
+
+log = logging.getLogger("whisperr_durable")
+
+_client: Optional[DurableWhisperr] = None
+_client_lock = threading.Lock()
+
+
+def get_client() -> DurableWhisperr:
+    """The process-wide client, built from the ``WHISPERR_*`` environment variables on
+    first use (thread-safe): what the middleware and the dependency use without ``client``."""
+    global _client
+    client = _client
+    if client is None:
+        with _client_lock:
+            if _client is None:
+                _client = client_from_settings(os.environ)
+            client = _client
+    return client
+
+
+def _reset_client() -> None:
+    """Shut down and forget the process-wide client: the next :func:`get_client` reads the
+    environment again. What the old client had not delivered stays in its outbox."""
+    global _client
+    with _client_lock:
+        client, _client = _client, None
+    if client is not None:
+        client.shutdown()
 
 
 def default_user_id(user: Any) -> Optional[str]:
@@ -100,9 +147,15 @@ class ScopeBoundWhisperr(BoundWhisperr):
                 )
             return bound(self.client, self._resolve, self._connection).user_id
         state = scope.get("state")
-        candidates = (scope.get("user"), state.get("user") if isinstance(state, dict) else None)
-        for candidate in candidates:
-            user_id = default_user_id(candidate)
+        if not isinstance(state, dict):
+            state = {}
+        # Not scope["auth"]: Starlette's AuthCredentials there holds scopes, not a user.
+        for candidate in (scope.get("user"), state.get("user"), state.get("auth")):
+            try:
+                user_id = default_user_id(candidate)
+            except Exception:
+                log.debug("whisperr_durable: reading the request's user raised", exc_info=True)
+                continue
             if user_id is not None:
                 return user_id
         return None
@@ -111,8 +164,9 @@ class ScopeBoundWhisperr(BoundWhisperr):
 class WhisperrMiddleware:
     """Pure ASGI middleware that sets ``request.state.whisperr`` (and ``websocket.state``).
 
-    ``app.add_middleware(WhisperrMiddleware, client=client)``, in Starlette or FastAPI, or
-    ``Middleware(WhisperrMiddleware, client=client)`` in ``Starlette(middleware=[...])``.
+    ``app.add_middleware(WhisperrMiddleware)``, in Starlette or FastAPI, or
+    ``Middleware(WhisperrMiddleware)`` in ``Starlette(middleware=[...])``; ``client=`` to
+    use a client of your own rather than :func:`get_client` (fetched on the first request).
     Its place relative to authentication middleware does not matter: the user is looked up
     when the endpoint first calls ``track()``. Other scopes (lifespan) pass through.
     """
@@ -121,12 +175,17 @@ class WhisperrMiddleware:
         self,
         app: ASGIApp,
         *,
-        client: DurableWhisperr,
+        client: Optional[DurableWhisperr] = None,
         resolve_user: Union[str, ResolveUser, None] = None,
     ) -> None:
         self.app = app
-        self.client = client
+        self._client = client
         self.resolve_user = import_resolver(resolve_user)
+
+    @property
+    def client(self) -> DurableWhisperr:
+        """The client given, else the process-wide one."""
+        return self._client if self._client is not None else get_client()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
@@ -136,17 +195,19 @@ class WhisperrMiddleware:
 
 
 def whisperr_dependency(
-    client: DurableWhisperr,
+    client: Optional[DurableWhisperr] = None,
     resolve_user: Union[str, ResolveUser, None] = None,
 ) -> Callable[[HTTPConnection], Awaitable[BoundWhisperr]]:
     """A FastAPI dependency giving the request's ``BoundWhisperr``; no middleware needed.
 
-    ``Depends(whisperr_dependency(client))`` works in HTTP and WebSocket routes, sync or
-    async. The user is found as by ``WhisperrMiddleware``; ``resolve_user`` gets the request.
+    ``Depends(whisperr_dependency())`` works in HTTP and WebSocket routes, sync or async.
+    Without ``client`` it uses :func:`get_client`. The user is found as by
+    ``WhisperrMiddleware``; ``resolve_user`` gets the request.
     """
     resolve = import_resolver(resolve_user)
 
     async def whisperr(connection: HTTPConnection) -> BoundWhisperr:
-        return ScopeBoundWhisperr(client, connection.scope, resolve, connection)
+        used = client if client is not None else get_client()
+        return ScopeBoundWhisperr(used, connection.scope, resolve, connection)
 
     return whisperr

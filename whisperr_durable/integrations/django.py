@@ -25,10 +25,19 @@ event loop (an async view) where a lazy ``request.user`` can no longer be loaded
 loaded before. In the async path that is ``await request.auser()`` (Django 5+), and a
 resolver runs in a thread (``sync_to_async``). Where no user is found then, it is looked up
 again on each ``track()``/``identify()``, so a view can track right after ``login()``.
+
+Inside an event loop that second look never touches the database: it reads ``request.user``
+only once it is no longer an unloaded lazy object (``alogin()`` sets it to the user), and it
+does not call a resolver (one only runs outside the loop). An async view that logs a user
+in, with a resolver, sets the id itself::
+
+    await alogin(request, user)
+    request.whisperr.user_id = str(user.pk)  # or the id your resolver would give
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Mapping
@@ -37,7 +46,7 @@ from typing import Any, Callable, Optional
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.signals import setting_changed
-from django.utils.functional import LazyObject
+from django.utils.functional import LazyObject, empty
 
 from .._client import DurableWhisperr
 from ._common import (
@@ -52,8 +61,6 @@ from ._common import (
 try:
     from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 except ImportError:  # asgiref < 3.6 (Django < 4.2)
-    import asyncio
-
     iscoroutinefunction = asyncio.iscoroutinefunction  # type: ignore[assignment]
 
     def markcoroutinefunction(func: Any) -> Any:
@@ -113,15 +120,36 @@ def user_id_of(user: Any) -> Optional[str]:
 
 
 def _default_resolve_user(request: Any) -> Optional[str]:
-    return user_id_of(getattr(request, "user", None))
+    return _guarded_user_id(getattr(request, "user", None))
+
+
+def _guarded_user_id(user: Any) -> Optional[str]:
+    """``user_id_of(user)``; a user whose ``pk`` (or ``is_authenticated``) raises is no user,
+    logged at DEBUG: the request goes on."""
+    try:
+        return user_id_of(user)
+    except Exception:
+        log.debug("whisperr_durable: reading the user's id raised; no user bound", exc_info=True)
+        return None
+
+
+def _in_event_loop() -> bool:
+    """Whether this thread runs an event loop (where Django refuses database queries)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 class RequestWhisperr:
     """``request.whisperr``: ``track()`` and ``identify()`` for the request's user.
 
     Bound to the user found when the request came in; where there was none, the user is
-    looked up again on each call (``user_id`` too), and the first one found is kept.
-    Without a user, both do nothing (and say so at DEBUG).
+    looked up again on each call (``user_id`` too), and the first one found is kept. In an
+    event loop that look reads only a loaded ``request.user`` and calls no resolver.
+    Setting ``user_id`` binds that id outright. Without a user, both do nothing (and say so
+    at DEBUG).
     """
 
     __slots__ = ("_bound", "_request", "_resolve")
@@ -139,6 +167,10 @@ class RequestWhisperr:
     def user_id(self) -> Optional[str]:
         return self._bind().user_id
 
+    @user_id.setter
+    def user_id(self, value: Optional[str]) -> None:
+        self._bound = BoundWhisperr(self._bound.client, resolve_user_id(value))
+
     def track(
         self,
         event_type: str,
@@ -152,7 +184,12 @@ class RequestWhisperr:
 
     def _bind(self) -> BoundWhisperr:
         if self._bound.user_id is None:
-            self._bound = bound(self._bound.client, self._resolve, self._request)
+            if not _in_event_loop():
+                self._bound = bound(self._bound.client, self._resolve, self._request)
+            elif self._resolve is _default_resolve_user:
+                user = getattr(self._request, "user", None)
+                if not (isinstance(user, LazyObject) and user._wrapped is empty):
+                    self._bound = BoundWhisperr(self._bound.client, _guarded_user_id(user))
         return self._bound
 
     def __repr__(self) -> str:
@@ -201,13 +238,14 @@ class WhisperrMiddleware:
     ) -> BoundWhisperr:
         user = getattr(request, "user", None)
         if resolve is _default_resolve_user and not isinstance(user, LazyObject):
-            return BoundWhisperr(client, user_id_of(user))  # set already: nothing to load
+            return BoundWhisperr(client, _guarded_user_id(user))  # set already: nothing to load
         auser = getattr(request, "auser", None)
         if resolve is _default_resolve_user and auser is not None:
             try:
-                return BoundWhisperr(client, user_id_of(await auser()))
+                user = await auser()
             except Exception:
                 log.debug("whisperr_durable: request.auser() raised; no user bound", exc_info=True)
                 return BoundWhisperr(client, None)
+            return BoundWhisperr(client, _guarded_user_id(user))
         # A resolver (or a lazy user without auser()) may touch the database: not in the loop.
         return await sync_to_async(bound)(client, resolve, request)

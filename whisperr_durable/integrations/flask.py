@@ -18,8 +18,12 @@ context) use :func:`current_client` or ``whisperr.client`` with the user id from
 
 The request's user is found on first use of ``request.whisperr``, not on every request:
 ``resolve_user(request)`` when given (or ``WHISPERR_RESOLVE_USER``, a dotted path), else
-Flask-Login's ``current_user`` where the app has a login manager, then ``g.user``, then
-``request.user``. Where there is no user, ``track()`` and ``identify()`` do nothing.
+the first of Flask-Login's ``current_user`` (where the app has a login manager; its ``id``,
+else ``get_id()``), ``g.user``, ``request.user``, ``g.auth``, ``request.auth`` (an auth
+object or claims with ``user_id``, ``userId``, ``id`` or ``sub``) that has an id. A lookup
+that raises (a ``user_loader`` whose database is down) counts as no user, logged at DEBUG:
+the request goes on. Where there is no user, ``track()`` and ``identify()`` do nothing;
+``request.whisperr.user_id = "u_123"`` binds one outright (after a sign-up, say).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from flask import Flask, current_app, g, has_app_context, has_request_context, request
 
@@ -38,6 +42,7 @@ from ._common import (
     bound,
     client_from_settings,
     import_resolver,
+    resolve_user_id,
 )
 
 __all__ = ["EXTENSION_KEY", "RequestWhisperr", "Whisperr", "WhisperrState", "current_client"]
@@ -65,24 +70,48 @@ class WhisperrState:
                 "no user bound (use it in the view, or copy_current_request_context)"
             )
             return BoundWhisperr(self.client, None)
-        return bound(self.client, None, req, *_login_users(), g.get("user"), _request_user(req))
+        return BoundWhisperr(self.client, _default_user_id(req))
 
 
-def _login_users() -> tuple[Any, ...]:
-    """Flask-Login's current user and its ``get_id()``, where the app has a login manager."""
+def _default_user_id(req: Any) -> Optional[str]:
+    """The id of the first default candidate of ``req`` that has one (in its request
+    context). A candidate is only looked at if those before it have no id; one whose
+    lookup raises counts as no user (logged at DEBUG)."""
+    for lookup in _DEFAULT_LOOKUPS:
+        try:
+            user_id = resolve_user_id(lookup(req))
+        except Exception:
+            log.debug("whisperr_durable: looking up the request's user raised", exc_info=True)
+            continue
+        if user_id is not None:
+            return user_id
+    return None
+
+
+def _login_user_id(req: Any) -> Optional[str]:
+    """Flask-Login's current user's id (else its ``get_id()``), where the app has a login
+    manager; this loads the user (the app's ``user_loader``)."""
     if not hasattr(current_app, "login_manager"):
-        return ()
+        return None
     from flask_login import current_user  # installed: the app has a login manager
 
     user = current_user._get_current_object()
     if not getattr(user, "is_authenticated", False):
-        return ()
-    get_id = getattr(user, "get_id", None)
-    return (user, get_id() if callable(get_id) else None)
+        return None
+    user_id = resolve_user_id(user)
+    if user_id is None and callable(getattr(user, "get_id", None)):
+        user_id = resolve_user_id(user.get_id())
+    return user_id
 
 
-def _request_user(req: Any) -> Any:
-    return getattr(req, "user", None)
+# Where the default lookup finds the user, in order.
+_DEFAULT_LOOKUPS: tuple[Callable[[Any], Any], ...] = (
+    _login_user_id,
+    lambda req: g.get("user"),
+    lambda req: getattr(req, "user", None),
+    lambda req: g.get("auth"),
+    lambda req: getattr(req, "auth", None),
+)
 
 
 class RequestWhisperr:
@@ -91,7 +120,8 @@ class RequestWhisperr:
     The user is looked up on the first call (or ``user_id`` read), so a request that
     records nothing costs no user lookup. A user found is kept for the rest of the request
     (track a logout before ``logout_user()``); no user found is looked up again next time
-    (so a login view can track after ``login_user()``).
+    (so a login view can track after ``login_user()``). Setting ``user_id`` (an id, or a
+    user object) binds that user outright; setting ``None`` looks the user up again.
     """
 
     __slots__ = ("_bound", "_request", "_state")
@@ -108,6 +138,11 @@ class RequestWhisperr:
     @property
     def user_id(self) -> Optional[str]:
         return self._bind().user_id
+
+    @user_id.setter
+    def user_id(self, value: Any) -> None:
+        user_id = resolve_user_id(value)
+        self._bound = None if user_id is None else BoundWhisperr(self._state.client, user_id)
 
     def track(
         self,

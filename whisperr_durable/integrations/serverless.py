@@ -21,7 +21,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from typing import Any, Callable, TypeVar, cast
+from typing import Any, Callable, Optional, TypeVar, cast
 
 from .._client import DurableWhisperr
 from .._sender import FlushResult
@@ -44,10 +44,12 @@ def flush_before_return(
     before it returns (or raises).
 
     Works for ``def`` and ``async def`` handlers (``aflush()`` for the latter, so the loop
-    keeps running). When the handler's ``context`` (its second argument, or the keyword
-    ``context``) has ``get_remaining_time_in_millis()``, as Lambda's does, the flush also
-    ends ``safety_margin`` seconds before the invocation's deadline. A flush that does not
-    finish leaves the rest in the outbox; no flush problem reaches the handler's caller.
+    keeps running). When the handler is given a Lambda-style ``context`` (the keyword
+    ``context``, else the first positional argument with ``get_remaining_time_in_millis()``,
+    so ``(event, context)`` and methods taking ``(self, event, context)`` both work), the
+    flush also ends ``safety_margin`` seconds before the invocation's deadline. A flush that
+    does not finish leaves the rest in the outbox; no flush problem reaches the handler's
+    caller.
     """
     if timeout < 0 or safety_margin < 0:
         raise ValueError("timeout and safety_margin must not be negative")
@@ -82,9 +84,8 @@ def flush_before_return(
 
 def _budget(timeout: float, margin: float, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
     """``timeout``, cut to the invocation's remaining time less ``margin`` where known."""
-    context = args[1] if len(args) > 1 else kwargs.get("context")
-    remaining = getattr(context, "get_remaining_time_in_millis", None)
-    if not callable(remaining):
+    remaining = _remaining_time_getter(args, kwargs)
+    if remaining is None:
         return timeout
     try:
         left = float(remaining()) / 1000.0 - margin
@@ -94,6 +95,23 @@ def _budget(timeout: float, margin: float, args: tuple[Any, ...], kwargs: dict[s
     if left <= 0:
         log.info("whisperr_durable: no time left in the invocation; not flushing")
     return max(0.0, min(timeout, left))
+
+
+def _remaining_time_getter(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Optional[Callable[[], Any]]:
+    """The context's ``get_remaining_time_in_millis``: from the keyword ``context``, else
+    from the first positional argument that has one (the second for ``(event, context)``,
+    the third for a method)."""
+    candidates = (kwargs["context"],) if "context" in kwargs else args
+    for candidate in candidates:
+        try:
+            remaining = getattr(candidate, "get_remaining_time_in_millis", None)
+        except Exception:  # an object whose attribute lookup fails is no context
+            continue
+        if callable(remaining):
+            return cast(Callable[[], Any], remaining)
+    return None
 
 
 def _flush(client: DurableWhisperr, budget: float) -> None:
