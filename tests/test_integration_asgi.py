@@ -80,8 +80,9 @@ class StateUserMiddleware:
 
 
 async def track_endpoint(request: Request) -> PlainTextResponse:
-    request.state.whisperr.track("page_viewed", {"path": request.url.path})
-    return PlainTextResponse(repr(request.state.whisperr))
+    whisperr = request.state.whisperr
+    whisperr.track("page_viewed", {"path": request.url.path})
+    return PlainTextResponse(f"BoundWhisperr(user_id={whisperr.user_id!r})")
 
 
 def user_ids(server: DevServer) -> list[str]:

@@ -11,7 +11,7 @@ from conftest import API_KEY, MakeClient
 
 from whisperr_durable.devserver import DevServer
 from whisperr_durable.integrations import BoundWhisperr, client_from_settings, resolve_user_id
-from whisperr_durable.integrations._common import bound, first_user_id, import_resolver
+from whisperr_durable.integrations._common import first_user_id, import_resolver, resolver_user_id
 
 
 @pytest.mark.parametrize(
@@ -52,19 +52,42 @@ def test_a_resolver_by_dotted_path_or_callable() -> None:
         import_resolver("no_module_path")
 
 
-def test_bound_prefers_the_resolver_and_survives_one_that_raises(
-    make_client: MakeClient,
-) -> None:
-    client = make_client()
-    request = SimpleNamespace(headers={"X-User": "from-header"}, user=SimpleNamespace(id=1))
-    assert bound(client, resolve_from_header, request).user_id == "from-header"
-    assert bound(client, None, request, request.user).user_id == "1"
-    assert bound(client, None, request, None, {"sub": "second"}).user_id == "second"
+def test_a_resolver_that_raises_names_no_user() -> None:
+    request = SimpleNamespace(headers={"X-User": "from-header"})
+    assert resolver_user_id(resolve_from_header, request) == "from-header"
 
     def broken(request: Any) -> Optional[str]:
         raise RuntimeError("auth backend down")
 
-    assert bound(client, broken, request).user_id is None
+    assert resolver_user_id(broken, request) is None
+
+
+def test_the_user_is_looked_up_on_first_use_until_one_is_found(
+    make_client: MakeClient, server: DevServer
+) -> None:
+    client = make_client()
+    looks: list[Optional[str]] = [None, "late_login", "never asked"]
+    calls: list[int] = []
+
+    def lookup() -> Optional[str]:
+        calls.append(1)
+        return looks[len(calls) - 1]
+
+    lazy = BoundWhisperr(client, lookup=lookup)
+    assert calls == []  # nothing looked up before it is used
+    lazy.track("before_login")  # no user yet: skipped
+    lazy.track("after_login")
+    lazy.track("again")
+    assert len(calls) == 2  # found on the second look, then kept
+    lazy.user_id = None  # looks again
+    lazy.user_id = SimpleNamespace(id=7)  # or binds outright
+    lazy.track("bound_outright")
+    assert client.flush(timeout=10).pending == 0
+    assert [(e["external_user_id"], e["event_type"]) for e in server.events] == [
+        ("late_login", "after_login"),
+        ("late_login", "again"),
+        ("7", "bound_outright"),
+    ]
 
 
 def test_without_a_user_nothing_is_stored_and_debug_says_so(
@@ -150,8 +173,12 @@ def test_a_user_whose_id_property_raises_is_no_user() -> None:
         def id(self) -> str:
             raise RuntimeError("session store down")
 
-    assert first_user_id(Broken(), {"sub": "fallback"}) == "fallback"
-    assert first_user_id(Broken()) is None
+    def down() -> Any:
+        raise RuntimeError("session store down")
+
+    assert first_user_id(Broken, lambda: {"sub": "fallback"}) == "fallback"
+    assert first_user_id(down, lambda: None, lambda: 42) == "42"
+    assert first_user_id(Broken) is None
 
 
 def on_error_sink(error: Any) -> None:

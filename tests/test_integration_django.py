@@ -28,9 +28,9 @@ from django.urls import path
 from django.utils.functional import empty
 
 from whisperr_durable.devserver import DevServer
+from whisperr_durable.integrations import BoundWhisperr
 from whisperr_durable.integrations import django as wdjango
 from whisperr_durable.integrations.django import (
-    RequestWhisperr,
     WhisperrMiddleware,
     get_client,
     user_id_of,
@@ -645,6 +645,6 @@ def test_request_whisperr_type(whisperr_settings: Any) -> None:
     request = HttpRequest()
     middleware(request)
     [whisperr] = seen
-    assert isinstance(whisperr, RequestWhisperr)
+    assert isinstance(whisperr, BoundWhisperr)
     assert whisperr.client is get_client() is middleware.client
     assert whisperr.user_id is None

@@ -20,9 +20,9 @@ from werkzeug.serving import make_server
 
 from whisperr_durable import DurableWhisperr
 from whisperr_durable.devserver import DevServer
+from whisperr_durable.integrations import BoundWhisperr
 from whisperr_durable.integrations.flask import (
     EXTENSION_KEY,
-    RequestWhisperr,
     Whisperr,
     current_client,
 )
@@ -48,7 +48,7 @@ class User:
 USERS = {"u-1": User("u-1", "Ada"), "u-2": User("u-2", "Grace"), "u-3": User("u-3", "Edsger")}
 
 
-def here() -> RequestWhisperr:
+def here() -> BoundWhisperr:
     """``request.whisperr`` (typed for mypy, which does not know Flask's request has it)."""
     return request.whisperr  # type: ignore[attr-defined,no-any-return]
 
@@ -403,7 +403,7 @@ def test_request_whisperr_is_the_lazy_helper(make_app: MakeApp) -> None:
     with app.test_request_context("/"):
         app.preprocess_request()
         helper = here()
-        assert isinstance(helper, RequestWhisperr)
+        assert isinstance(helper, BoundWhisperr)
         assert helper.client is client_of(app)
         assert "unresolved" in repr(helper)
         assert helper.user_id is None
@@ -413,7 +413,7 @@ def test_used_after_its_request_binds_no_user(
     make_app: MakeApp, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = make_app()
-    kept: list[RequestWhisperr] = []
+    kept: list[BoundWhisperr] = []
 
     @app.post("/keep")
     def keep() -> str:

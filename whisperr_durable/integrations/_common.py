@@ -141,14 +141,34 @@ def _import_callable(dotted: str, what: str) -> Callable[..., Any]:
 class BoundWhisperr:
     """``track()`` and ``identify()`` for one request's user (``request.whisperr``).
 
-    Where the request has no user, both do nothing and say so at DEBUG.
+    With ``lookup``, the user is looked up on first use, and again on each call while none
+    is found (so a view can track right after its login); a user found is kept for the rest
+    of the request. Setting ``user_id`` (an id, or a user object) binds that user outright;
+    setting ``None`` looks again. Without a user, both calls do nothing and say so at DEBUG.
     """
 
-    __slots__ = ("client", "user_id")
+    __slots__ = ("_lookup", "_user_id", "client")
 
-    def __init__(self, client: DurableWhisperr, user_id: Optional[str]) -> None:
+    def __init__(
+        self,
+        client: DurableWhisperr,
+        user_id: Optional[str] = None,
+        *,
+        lookup: Optional[Callable[[], Optional[str]]] = None,
+    ) -> None:
         self.client = client
-        self.user_id = user_id
+        self._user_id = user_id
+        self._lookup = lookup
+
+    @property
+    def user_id(self) -> Optional[str]:
+        if self._user_id is None and self._lookup is not None:
+            self._user_id = self._lookup()
+        return self._user_id
+
+    @user_id.setter
+    def user_id(self, value: Any) -> None:
+        self._user_id = resolve_user_id(value)
 
     def track(
         self,
@@ -156,45 +176,45 @@ class BoundWhisperr:
         properties: Optional[Mapping[str, Any]] = None,
         context: Optional[Mapping[str, Any]] = None,
     ) -> None:
-        if self.user_id is None:
+        user_id = self.user_id
+        if user_id is None:
             log.debug("whisperr_durable: no user on this request; track(%r) skipped", event_type)
             return
-        self.client.track(self.user_id, event_type, properties, context)
+        self.client.track(user_id, event_type, properties, context)
 
     def identify(self, **kwargs: Any) -> None:
-        if self.user_id is None:
+        user_id = self.user_id
+        if user_id is None:
             log.debug("whisperr_durable: no user on this request; identify() skipped")
             return
-        self.client.identify(self.user_id, **kwargs)
+        self.client.identify(user_id, **kwargs)
 
     def __repr__(self) -> str:
-        return f"BoundWhisperr(user_id={self.user_id!r})"
+        found = self._user_id
+        return f"BoundWhisperr(user_id={'unresolved' if found is None else repr(found)})"
 
 
-def bound(
-    client: DurableWhisperr, resolve: Optional[ResolveUser], *candidates: Any
-) -> BoundWhisperr:
-    """Bind ``client`` to the user ``resolve`` finds in ``candidates[0]`` (the request), or,
-    without ``resolve``, to the first of ``candidates[1:]`` that resolves to an id. A
-    resolver that raises binds no user (and logs why at DEBUG)."""
-    if resolve is not None:
+def resolver_user_id(resolve: ResolveUser, request: Any) -> Optional[str]:
+    """The id ``resolve(request)`` names; a resolver that raises names none (DEBUG)."""
+    try:
+        return resolve_user_id(resolve(request))
+    except Exception:
+        log.debug("whisperr_durable: resolve_user raised; no user bound", exc_info=True)
+        return None
+
+
+def first_user_id(
+    *lookups: Callable[[], Any], read: Callable[[Any], Optional[str]] = resolve_user_id
+) -> Optional[str]:
+    """The id ``read`` finds in the first candidate that has one, each candidate fetched by
+    its lookup only if those before it had none. A lookup or a read that raises (a session
+    store that is down, a user object whose id property fails) counts as no user, logged
+    at DEBUG: the request goes on."""
+    for lookup in lookups:
         try:
-            user_id = resolve(candidates[0])
+            user_id = read(lookup())
         except Exception:
-            log.debug("whisperr_durable: resolve_user raised; no user bound", exc_info=True)
-            user_id = None
-        return BoundWhisperr(client, resolve_user_id(user_id))
-    return BoundWhisperr(client, first_user_id(*candidates[1:]))
-
-
-def first_user_id(*candidates: Any) -> Optional[str]:
-    """The id of the first candidate that has one. A user object whose id property raises
-    counts as no user (logged at DEBUG): the request goes on."""
-    for candidate in candidates:
-        try:
-            user_id = resolve_user_id(candidate)
-        except Exception:
-            log.debug("whisperr_durable: reading a user's id raised; skipped", exc_info=True)
+            log.debug("whisperr_durable: looking up the request's user raised", exc_info=True)
             continue
         if user_id is not None:
             return user_id

@@ -35,7 +35,7 @@ Only Starlette is imported here; FastAPI is not needed to use either helper.
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 import threading
 from collections.abc import Awaitable, MutableMapping
@@ -49,15 +49,14 @@ from .._client import DurableWhisperr
 from ._common import (
     BoundWhisperr,
     ResolveUser,
-    bound,
     client_from_settings,
+    first_user_id,
     import_resolver,
     resolve_user_id,
+    resolver_user_id,
 )
 
 __all__ = ["BoundWhisperr", "WhisperrMiddleware", "get_client", "whisperr_dependency"]
-
-log = logging.getLogger("whisperr_durable")
 
 _client: Optional[DurableWhisperr] = None
 _client_lock = threading.Lock()
@@ -104,61 +103,38 @@ def default_user_id(user: Any) -> Optional[str]:
     return user_id
 
 
-class ScopeBoundWhisperr(BoundWhisperr):
-    """A ``BoundWhisperr`` whose user is looked up in the request's scope on first use.
+def scope_user_id(
+    scope: Scope, resolve: Optional[ResolveUser] = None, connection: Optional[HTTPConnection] = None
+) -> Optional[str]:
+    """The id of the request's user: what ``resolve`` names, else the first of
+    ``scope["user"]``, ``request.state.user`` and ``request.state.auth`` that has one (one
+    whose id raises counts as no user, logged at DEBUG)."""
+    if resolve is not None:
+        if connection is None:
+            # A sync resolver only reads the request, so no receive channel is needed.
+            connection = Request(scope) if scope["type"] == "http" else HTTPConnection(scope)
+        return resolver_user_id(resolve, connection)
+    state = scope.get("state")
+    if not isinstance(state, dict):
+        state = {}
+    # Not scope["auth"]: Starlette's AuthCredentials there holds scopes, not a user.
+    return first_user_id(
+        lambda: scope.get("user"),
+        lambda: state.get("user"),
+        lambda: state.get("auth"),
+        read=default_user_id,
+    )
 
-    Until a user is found, each ``track()`` or ``identify()`` looks again (and does nothing
-    while there is none); once found, the id is kept for the rest of the request. Setting
-    ``user_id`` binds that id outright (after a login, for instance).
-    """
 
-    __slots__ = ("_connection", "_found", "_resolve", "_scope")
-
-    def __init__(
-        self,
-        client: DurableWhisperr,
-        scope: Scope,
-        resolve: Optional[ResolveUser] = None,
-        connection: Optional[HTTPConnection] = None,
-    ) -> None:
-        self.client = client
-        self._scope = scope
-        self._resolve = resolve
-        self._connection = connection
-        self._found: Optional[str] = None
-
-    @property
-    def user_id(self) -> Optional[str]:
-        if self._found is None:
-            self._found = self._lookup()
-        return self._found
-
-    @user_id.setter
-    def user_id(self, value: Optional[str]) -> None:
-        self._found = resolve_user_id(value)
-
-    def _lookup(self) -> Optional[str]:
-        scope = self._scope
-        if self._resolve is not None:
-            if self._connection is None:
-                # A sync resolver only reads the request, so no receive channel is needed.
-                self._connection = (
-                    Request(scope) if scope["type"] == "http" else HTTPConnection(scope)
-                )
-            return bound(self.client, self._resolve, self._connection).user_id
-        state = scope.get("state")
-        if not isinstance(state, dict):
-            state = {}
-        # Not scope["auth"]: Starlette's AuthCredentials there holds scopes, not a user.
-        for candidate in (scope.get("user"), state.get("user"), state.get("auth")):
-            try:
-                user_id = default_user_id(candidate)
-            except Exception:
-                log.debug("whisperr_durable: reading the request's user raised", exc_info=True)
-                continue
-            if user_id is not None:
-                return user_id
-        return None
+def _bound(
+    client: DurableWhisperr,
+    scope: Scope,
+    resolve: Optional[ResolveUser],
+    connection: Optional[HTTPConnection] = None,
+) -> BoundWhisperr:
+    # Looked up on first use: a user that authentication sets later in the request counts.
+    lookup = functools.partial(scope_user_id, scope, resolve, connection)
+    return BoundWhisperr(client, lookup=lookup)
 
 
 class WhisperrMiddleware:
@@ -190,7 +166,7 @@ class WhisperrMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             state: MutableMapping[str, Any] = scope.setdefault("state", {})
-            state["whisperr"] = ScopeBoundWhisperr(self.client, scope, self.resolve_user)
+            state["whisperr"] = _bound(self.client, scope, self.resolve_user)
         await self.app(scope, receive, send)
 
 
@@ -208,6 +184,6 @@ def whisperr_dependency(
 
     async def whisperr(connection: HTTPConnection) -> BoundWhisperr:
         used = client if client is not None else get_client()
-        return ScopeBoundWhisperr(used, connection.scope, resolve, connection)
+        return _bound(used, connection.scope, resolve, connection)
 
     return whisperr

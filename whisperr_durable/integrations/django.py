@@ -38,9 +38,9 @@ in, with a resolver, sets the id itself::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
-from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 from asgiref.sync import sync_to_async
@@ -52,10 +52,11 @@ from .._client import DurableWhisperr
 from ._common import (
     BoundWhisperr,
     ResolveUser,
-    bound,
     client_from_settings,
+    first_user_id,
     import_resolver,
     resolve_user_id,
+    resolver_user_id,
 )
 
 try:
@@ -68,7 +69,7 @@ except ImportError:  # asgiref < 3.6 (Django < 4.2)
         return func
 
 
-__all__ = ["RequestWhisperr", "WhisperrMiddleware", "get_client"]
+__all__ = ["WhisperrMiddleware", "get_client"]
 
 log = logging.getLogger("whisperr_durable")
 
@@ -126,11 +127,7 @@ def _default_resolve_user(request: Any) -> Optional[str]:
 def _guarded_user_id(user: Any) -> Optional[str]:
     """``user_id_of(user)``; a user whose ``pk`` (or ``is_authenticated``) raises is no user,
     logged at DEBUG: the request goes on."""
-    try:
-        return user_id_of(user)
-    except Exception:
-        log.debug("whisperr_durable: reading the user's id raised; no user bound", exc_info=True)
-        return None
+    return first_user_id(lambda: user, read=user_id_of)
 
 
 def _in_event_loop() -> bool:
@@ -142,58 +139,17 @@ def _in_event_loop() -> bool:
     return True
 
 
-class RequestWhisperr:
-    """``request.whisperr``: ``track()`` and ``identify()`` for the request's user.
-
-    Bound to the user found when the request came in; where there was none, the user is
-    looked up again on each call (``user_id`` too), and the first one found is kept. In an
-    event loop that look reads only a loaded ``request.user`` and calls no resolver.
-    Setting ``user_id`` binds that id outright. Without a user, both do nothing (and say so
-    at DEBUG).
-    """
-
-    __slots__ = ("_bound", "_request", "_resolve")
-
-    def __init__(self, found: BoundWhisperr, request: Any, resolve: ResolveUser) -> None:
-        self._bound = found
-        self._request = request
-        self._resolve = resolve
-
-    @property
-    def client(self) -> DurableWhisperr:
-        return self._bound.client
-
-    @property
-    def user_id(self) -> Optional[str]:
-        return self._bind().user_id
-
-    @user_id.setter
-    def user_id(self, value: Optional[str]) -> None:
-        self._bound = BoundWhisperr(self._bound.client, resolve_user_id(value))
-
-    def track(
-        self,
-        event_type: str,
-        properties: Optional[Mapping[str, Any]] = None,
-        context: Optional[Mapping[str, Any]] = None,
-    ) -> None:
-        self._bind().track(event_type, properties, context)
-
-    def identify(self, **kwargs: Any) -> None:
-        self._bind().identify(**kwargs)
-
-    def _bind(self) -> BoundWhisperr:
-        if self._bound.user_id is None:
-            if not _in_event_loop():
-                self._bound = bound(self._bound.client, self._resolve, self._request)
-            elif self._resolve is _default_resolve_user:
-                user = getattr(self._request, "user", None)
-                if not (isinstance(user, LazyObject) and user._wrapped is empty):
-                    self._bound = BoundWhisperr(self._bound.client, _guarded_user_id(user))
-        return self._bound
-
-    def __repr__(self) -> str:
-        return f"RequestWhisperr(user_id={self._bound.user_id!r})"
+def _user_id_again(request: Any, resolve: ResolveUser) -> Optional[str]:
+    """A second look for the user of a request that had none when it came in (it may have
+    logged in since). Inside an event loop, where Django refuses database queries, only a
+    ``request.user`` that ``alogin()`` replaced is read, and a resolver is never called."""
+    if not _in_event_loop():
+        return resolver_user_id(resolve, request)
+    if resolve is _default_resolve_user:
+        user = getattr(request, "user", None)
+        if not (isinstance(user, LazyObject) and user._wrapped is empty):
+            return _guarded_user_id(user)
+    return None
 
 
 class WhisperrMiddleware:
@@ -224,28 +180,32 @@ class WhisperrMiddleware:
         if self.async_mode:
             return self.__acall__(request)
         resolve = self.resolve_user or _default_resolve_user
-        request.whisperr = RequestWhisperr(bound(get_client(), resolve, request), request, resolve)
+        request.whisperr = self._bound(request, resolve, resolver_user_id(resolve, request))
         return self.get_response(request)
 
     async def __acall__(self, request: Any) -> Any:
         resolve = self.resolve_user or _default_resolve_user
-        found = await self._abind(get_client(), resolve, request)
-        request.whisperr = RequestWhisperr(found, request, resolve)
+        found = await self._auser_id(resolve, request)
+        request.whisperr = self._bound(request, resolve, found)
         return await self.get_response(request)
 
-    async def _abind(
-        self, client: DurableWhisperr, resolve: ResolveUser, request: Any
-    ) -> BoundWhisperr:
+    @staticmethod
+    def _bound(request: Any, resolve: ResolveUser, found: Optional[str]) -> BoundWhisperr:
+        return BoundWhisperr(
+            get_client(), found, lookup=functools.partial(_user_id_again, request, resolve)
+        )
+
+    async def _auser_id(self, resolve: ResolveUser, request: Any) -> Optional[str]:
         user = getattr(request, "user", None)
         if resolve is _default_resolve_user and not isinstance(user, LazyObject):
-            return BoundWhisperr(client, _guarded_user_id(user))  # set already: nothing to load
+            return _guarded_user_id(user)  # set already: nothing to load
         auser = getattr(request, "auser", None)
         if resolve is _default_resolve_user and auser is not None:
             try:
                 user = await auser()
             except Exception:
                 log.debug("whisperr_durable: request.auser() raised; no user bound", exc_info=True)
-                return BoundWhisperr(client, None)
-            return BoundWhisperr(client, _guarded_user_id(user))
+                return None
+            return _guarded_user_id(user)
         # A resolver (or a lazy user without auser()) may touch the database: not in the loop.
-        return await sync_to_async(bound)(client, resolve, request)
+        return await sync_to_async(resolver_user_id)(resolve, request)

@@ -28,8 +28,8 @@ the request goes on. Where there is no user, ``track()`` and ``identify()`` do n
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
@@ -39,13 +39,14 @@ from .._client import DurableWhisperr
 from ._common import (
     BoundWhisperr,
     ResolveUser,
-    bound,
     client_from_settings,
+    first_user_id,
     import_resolver,
     resolve_user_id,
+    resolver_user_id,
 )
 
-__all__ = ["EXTENSION_KEY", "RequestWhisperr", "Whisperr", "WhisperrState", "current_client"]
+__all__ = ["EXTENSION_KEY", "Whisperr", "WhisperrState", "current_client"]
 
 log = logging.getLogger("whisperr_durable")
 
@@ -59,33 +60,24 @@ class WhisperrState:
     client: DurableWhisperr
     resolve_user: Optional[ResolveUser]
 
-    def bind(self, req: Any) -> BoundWhisperr:
-        """The client bound to the user of ``req``; needs its request context for the
-        default lookups (a ``resolve_user`` is only given ``req``)."""
+    def user_id(self, req: Any) -> Optional[str]:
+        """The id of the user of ``req``; needs its request context for the default lookups
+        (a ``resolve_user`` is only given ``req``)."""
         if self.resolve_user is not None:
-            return bound(self.client, self.resolve_user, req)
+            return resolver_user_id(self.resolve_user, req)
         if not has_request_context():
             log.warning(
                 "whisperr_durable: request.whisperr first used outside its request; "
                 "no user bound (use it in the view, or copy_current_request_context)"
             )
-            return BoundWhisperr(self.client, None)
-        return BoundWhisperr(self.client, _default_user_id(req))
+            return None
+        return _default_user_id(req)
 
 
 def _default_user_id(req: Any) -> Optional[str]:
     """The id of the first default candidate of ``req`` that has one (in its request
-    context). A candidate is only looked at if those before it have no id; one whose
-    lookup raises counts as no user (logged at DEBUG)."""
-    for lookup in _DEFAULT_LOOKUPS:
-        try:
-            user_id = resolve_user_id(lookup(req))
-        except Exception:
-            log.debug("whisperr_durable: looking up the request's user raised", exc_info=True)
-            continue
-        if user_id is not None:
-            return user_id
-    return None
+    context); a candidate is only looked at if those before it have none."""
+    return first_user_id(*(functools.partial(lookup, req) for lookup in _DEFAULT_LOOKUPS))
 
 
 def _login_user_id(req: Any) -> Optional[str]:
@@ -112,60 +104,6 @@ _DEFAULT_LOOKUPS: tuple[Callable[[Any], Any], ...] = (
     lambda req: g.get("auth"),
     lambda req: getattr(req, "auth", None),
 )
-
-
-class RequestWhisperr:
-    """``request.whisperr``: ``track()`` and ``identify()`` for the request's user.
-
-    The user is looked up on the first call (or ``user_id`` read), so a request that
-    records nothing costs no user lookup. A user found is kept for the rest of the request
-    (track a logout before ``logout_user()``); no user found is looked up again next time
-    (so a login view can track after ``login_user()``). Setting ``user_id`` (an id, or a
-    user object) binds that user outright; setting ``None`` looks the user up again.
-    """
-
-    __slots__ = ("_bound", "_request", "_state")
-
-    def __init__(self, state: WhisperrState, req: Any) -> None:
-        self._state = state
-        self._request = req
-        self._bound: Optional[BoundWhisperr] = None
-
-    @property
-    def client(self) -> DurableWhisperr:
-        return self._state.client
-
-    @property
-    def user_id(self) -> Optional[str]:
-        return self._bind().user_id
-
-    @user_id.setter
-    def user_id(self, value: Any) -> None:
-        user_id = resolve_user_id(value)
-        self._bound = None if user_id is None else BoundWhisperr(self._state.client, user_id)
-
-    def track(
-        self,
-        event_type: str,
-        properties: Optional[Mapping[str, Any]] = None,
-        context: Optional[Mapping[str, Any]] = None,
-    ) -> None:
-        self._bind().track(event_type, properties, context)
-
-    def identify(self, **kwargs: Any) -> None:
-        self._bind().identify(**kwargs)
-
-    def _bind(self) -> BoundWhisperr:
-        if self._bound is not None:
-            return self._bound
-        found = self._state.bind(self._request)
-        if found.user_id is not None:
-            self._bound = found
-        return found
-
-    def __repr__(self) -> str:
-        user = "unresolved" if self._bound is None else repr(self._bound.user_id)
-        return f"RequestWhisperr(user_id={user})"
 
 
 class Whisperr:
@@ -204,9 +142,9 @@ class Whisperr:
         app.extensions[EXTENSION_KEY] = state
 
         def attach_whisperr() -> None:
-            request.whisperr = RequestWhisperr(  # type: ignore[attr-defined]
-                state,
-                request._get_current_object(),  # type: ignore[attr-defined]
+            req = request._get_current_object()  # type: ignore[attr-defined]
+            request.whisperr = BoundWhisperr(  # type: ignore[attr-defined]
+                state.client, lookup=functools.partial(state.user_id, req)
             )
 
         # First, so that the app's own before_request hooks can use it too.
