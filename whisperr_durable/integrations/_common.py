@@ -62,26 +62,25 @@ def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhis
     return DurableWhisperr(get("WHISPERR_API_KEY", None), **options)
 
 
-_FLAGS = frozenset({"disabled", "debug", "fsync", "strict"})
-_INTEGERS = frozenset(
-    {"flush_at", "max_queue_size", "max_batch_size", "max_retries", "max_dead_letters"}
-)
-_NUMBERS = frozenset({"flush_interval", "request_timeout", "shutdown_timeout", "store_timeout"})
+# What type each option takes, from the client's own defaults.
+_DEFAULTS: dict[str, Any] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(DurableWhisperr).parameters.items()
+}
 
 
 def _from_text(name: str, option: str, text: str) -> Any:
     """A setting given as text (an environment variable, say) as the option's type."""
+    kind: type[Any] = type(_DEFAULTS.get(option))
     value = text.strip()
     try:
-        if option in _FLAGS:
+        if kind is bool:
             flag = {"1": True, "true": True, "yes": True, "on": True}.get(value.lower())
             if flag is None and value.lower() not in ("0", "false", "no", "off", ""):
                 raise ValueError
             return bool(flag)
-        if option in _INTEGERS:
-            return int(value)
-        if option in _NUMBERS:
-            return float(value)
+        if kind in (int, float):
+            return kind(value)
     except ValueError:
         raise ValueError(f"{name}={text!r} is not a valid value for {option}") from None
     return text

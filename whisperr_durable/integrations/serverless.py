@@ -125,7 +125,7 @@ def _flush(client: DurableWhisperr, budget: float) -> None:
 
 async def _aflush(client: DurableWhisperr, budget: float) -> None:
     try:
-        # aflush() ends within the budget; wait_for bounds the wait for an executor thread.
+        # aflush() ends within the budget; wait_for also bounds the start of its thread.
         result = await asyncio.wait_for(client.aflush(budget), budget + 0.25)
     except asyncio.TimeoutError:
         log.info("whisperr_durable: flush before return did not start in time")
