@@ -1,10 +1,13 @@
-"""The dev server, exercised over real HTTP on 127.0.0.1 (http.client, no third-party client)."""
+"""The dev server, exercised over real HTTP on 127.0.0.1 (http.client and raw sockets, no
+third-party client)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -97,6 +100,43 @@ def send(
     finally:
         if connection is None:
             conn.close()
+
+
+def raw_request(
+    port: int, path: str, body: object, *, receive_buffer: int | None = None
+) -> socket.socket:
+    """Send one request on a raw socket and hand the socket back with the answer unread."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:
+        # Before connect, so the TCP window stays small and unread bytes wait at the server.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + payload)
+    return sock
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """Read until the blank line that ends the headers; returns the headers only."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed before the headers ended: {data!r}"
+        data += chunk
+    return data.split(b"\r\n\r\n", 1)[0]
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(4096):
+            data += chunk
+    return data
 
 
 @pytest.fixture
@@ -456,9 +496,98 @@ def test_bad_fault_settings_are_refused() -> None:
         DevServer(failure_rate=1.5)
     with pytest.raises(ValueError):
         DevServer(script=["nope"])  # type: ignore[list-item]
+    for bad in ({"trickle": -0.1}, {"pad_response": -1}, {"answer": 99}, {"answer": True}):
+        with pytest.raises(ValueError):
+            DevServer(**bad)
     server = DevServer()
     with pytest.raises(ValueError):
         server.push_script(99)
+
+
+# --- slow, padded and gateway answers ---
+
+
+def test_trickle_writes_the_answer_byte_by_byte_and_stop_cuts_it_short() -> None:
+    srv = DevServer(KEY, trickle=0.2, clock=lambda: NOW).start()
+    try:
+        started = time.monotonic()
+        with raw_request(srv.port, BATCH_PATH, batch(make_event())) as sock:
+            first = b"".join(sock.recv(1) for _ in range(5))
+            took = time.monotonic() - started
+            started = time.monotonic()
+            srv.stop()
+            stop_took = time.monotonic() - started
+            rest = read_until_closed(sock)
+            closed_after = time.monotonic() - started
+    finally:
+        srv.stop()
+    assert first == b"HTTP/"
+    assert took >= 0.8  # four pauses of 0.2 s between the five bytes
+    assert stop_took < 1.0
+    assert closed_after < 1.0
+    assert len(rest) < 10  # what was in flight when stop() came; the head is ~150 bytes
+    assert srv.wait_for_answers(1, timeout=1.0)
+    (record,) = srv.requests
+    assert (record.status, record.bytes_sent) == (202, 0)  # cut short within the head
+    assert len(srv.events) == 1  # the request was processed; only its answer was slow
+
+
+def test_a_trickled_answer_outlasts_a_per_read_timeout() -> None:
+    with DevServer(KEY, trickle=0.005, clock=lambda: NOW) as srv:
+        started = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=0.25)
+        answer = send(srv.port, BATCH_PATH, batch(make_event()), connection=conn)
+        took = time.monotonic() - started
+        conn.close()
+        assert srv.wait_for_answers(1)
+    assert (answer.status, answer.body) == (202, {"accepted": 1, "rejected": 0})
+    assert took > 0.5  # twice the timeout, yet no read waited that long
+    assert srv.requests[0].bytes_sent == int(answer.headers["content-length"])
+
+
+def test_an_abandoned_padded_answer_is_cut_short_and_the_server_carries_on() -> None:
+    padding = 50 << 20
+    with DevServer(KEY, pad_response=padding, clock=lambda: NOW) as srv:
+        with raw_request(
+            srv.port, BATCH_PATH, batch(make_event()), receive_buffer=16 << 10
+        ) as sock:
+            head = read_head(sock)
+        # The client hung up with 50 MB unread: the server notices and gives up.
+        assert srv.wait_for_answers(1, timeout=10)
+        srv.pad_response = 100
+        after = send(srv.port, BATCH_PATH, batch(make_event()))
+        assert srv.wait_for_answers(2, timeout=10)
+    body = json.dumps({"accepted": 1, "rejected": 0})
+    assert head.startswith(b"HTTP/1.1 202 ")
+    assert f"\r\nContent-Length: {len(body) + padding}".encode() in head
+    abandoned, answered = srv.requests
+    assert abandoned.bytes_sent is not None
+    assert abandoned.bytes_sent < padding // 10
+    assert (after.status, after.body) == (202, {"accepted": 1, "rejected": 0})
+    assert int(after.headers["content-length"]) == answered.bytes_sent == len(body) + 100
+    assert len(srv.events) == 2
+
+
+@pytest.mark.parametrize("status", [404, 400])
+def test_answer_overrides_every_ingestion_request_and_stores_nothing(status: int) -> None:
+    with DevServer(KEY, answer=status, failure_rate=1.0, clock=lambda: NOW) as srv:
+        srv.push_script(503)
+        answers = [
+            send(srv.port, BATCH_PATH, batch(make_event())),
+            send(srv.port, TRACK_PATH, make_event()),
+            send(srv.port, IDENTIFY_PATH, {"external_user_id": "u"}),
+            send(srv.port, BATCH_PATH, batch(make_event()), key=None),  # before the key check
+        ]
+        assert srv.script == [503]  # the script was not used up
+        assert send(srv.port, BATCH_PATH, method="GET").status == 405
+        srv.answer = None
+        srv.failure_rate = 0.0
+        later = [send(srv.port, BATCH_PATH, batch(make_event())).status for _ in range(2)]
+    assert [a.status for a in answers] == [status] * 4
+    assert all(a.body == {"error": f"answer set to {status}"} for a in answers)
+    assert [r.status for r in srv.requests[:4]] == [status] * 4
+    assert later == [503, 202]
+    assert (len(srv.events), srv.identifies) == (1, [])
 
 
 # --- waiting, state and lifecycle ---
@@ -608,20 +737,10 @@ def test_parse_script() -> None:
 # --- command line ---
 
 
-def test_cli_prints_its_url_then_one_line_per_request() -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "whisperr_durable.devserver",
-        "--port",
-        "0",
-        "--api-key",
-        "wrk_cli",
-        "--script",
-        "503",
-        "--retry-after",
-        "1",
-    ]
+@contextlib.contextmanager
+def cli_server(*flags: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """The command-line server on a free port, and that port; it must exit 0 on SIGTERM."""
+    command = [sys.executable, "-m", "whisperr_durable.devserver", "--port", "0", *flags]
     proc = subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -630,29 +749,55 @@ def test_cli_prints_its_url_then_one_line_per_request() -> None:
         url = proc.stdout.readline().strip()
         match = re.fullmatch(r"http://127\.0\.0\.1:(\d+)", url)
         assert match, f"first line is not the URL: {url!r}"
-        port = int(match.group(1))
+        yield proc, int(match.group(1))
+    finally:
+        proc.terminate()
+        _, errors = proc.communicate(timeout=10)
+    assert proc.returncode == 0, errors
+
+
+def test_cli_prints_its_url_then_one_line_per_request() -> None:
+    flags = ("--api-key", "wrk_cli", "--script", "503", "--retry-after", "1")
+    with cli_server(*flags) as (proc, port):
+        assert proc.stdout is not None
         event = batch(make_event(at=datetime.now(timezone.utc)))
         refused = send(port, BATCH_PATH, event, key="wrk_cli")
         accepted = send(port, BATCH_PATH, event, key="wrk_cli")
         log = [proc.stdout.readline(), proc.stdout.readline()]
-    finally:
-        proc.terminate()
-        _, errors = proc.communicate(timeout=10)
     assert (refused.status, refused.headers["retry-after"]) == (503, "1")
     assert (accepted.status, accepted.body) == (202, {"accepted": 1, "rejected": 0})
     assert f"POST {BATCH_PATH} 503" in log[0]
     assert log[1].rstrip().endswith(f"POST {BATCH_PATH} 202 accepted=1 rejected=0")
     assert not any("wrk_cli" in line or "user_1" in line for line in log)
-    assert proc.returncode == 0, errors
 
 
-def test_cli_refuses_bad_options() -> None:
+def test_cli_answer_pad_response_and_trickle() -> None:
+    flags = ("--answer", "404", "--pad-response", "10", "--trickle", "0.002")
+    with cli_server(*flags) as (_, port):
+        started = time.monotonic()
+        answer = send(port, BATCH_PATH, batch(make_event()), key=None)
+        took = time.monotonic() - started
+    assert (answer.status, answer.body) == (404, {"error": "answer set to 404"})
+    assert int(answer.headers["content-length"]) == len(json.dumps(answer.body)) + 10
+    assert took >= 0.3  # well over 150 bytes, 2 ms apart
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--failure-rate", "2"], "failure_rate"),
+        (["--trickle", "-1"], "trickle"),
+        (["--pad-response", "-1"], "pad_response"),
+        (["--answer", "99"], "answer"),
+    ],
+)
+def test_cli_refuses_bad_options(flags: list[str], named: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "whisperr_durable.devserver", "--port", "0", "--failure-rate", "2"],
+        [sys.executable, "-m", "whisperr_durable.devserver", "--port", "0", *flags],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert result.returncode == 2
-    assert "failure_rate" in result.stderr
+    assert named in result.stderr

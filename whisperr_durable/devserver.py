@@ -3,8 +3,22 @@
 It speaks the Whisperr ingestion contract (``POST /v1/events/batch``, ``/v1/identify`` and
 ``/v1/events/track``) as strictly as the real service, keeps what it accepted in memory for
 assertions, and misbehaves on request: scripted statuses, dropped connections, latency,
-random 503s, a ``Retry-After`` header, and the legacy "one bad event fails the whole batch"
-mode. Standard library only, so tests and ``python -m whisperr_durable.devserver`` need
+random 503s, a ``Retry-After`` header, the legacy "one bad event fails the whole batch"
+mode, and three faults of the network between an SDK and the service:
+
+- ``trickle`` (seconds): every answer, status line and headers included, is written one byte
+  at a time with this pause between bytes, so a client whose timeout applies per read never
+  times out; ``stop()`` cuts a trickling answer short;
+- ``pad_response`` (bytes): every answer's body is followed by that much whitespace, counted
+  in its ``Content-Length`` (the JSON stays valid) and written in 64 KiB chunks, never built
+  in memory; a client that hangs up ends it quietly;
+- ``answer`` (a status): every ingestion request gets this status and an error body, and
+  nothing is stored, like a gateway in front of the API answering 404 during a deploy.
+
+Each recorded request says how many body bytes of its answer went out
+(``RecordedRequest.bytes_sent``, set once the answer is written or abandoned: see
+``wait_for_answers``), so a test can tell a client that read an answer from one that walked
+away. Standard library only, so tests and ``python -m whisperr_durable.devserver`` need
 nothing installed::
 
     with DevServer("wrk_dev", script=[503, "drop"]) as server:
@@ -20,7 +34,12 @@ Where the contract is silent, this server decides (and the real service may diff
   ``$message_id`` that is not a non-empty string rejects its event;
 - ``event_type`` is matched as sent, not trimmed: trimming is the SDK's job;
 - a script item decides its request; ``failure_rate`` applies only to unscripted requests;
-  neither touches requests for unknown routes (404) or with other methods (405).
+  ``answer`` overrides both and the key check, without using up the script (``Retry-After``
+  goes with an ``answer`` of 429 or 503, as with the others); none of them touches requests
+  for unknown routes (404) or with other methods (405);
+- ``trickle`` and ``pad_response`` shape every answer, errors and 404s included;
+  ``bytes_sent`` counts what the server handed to the connection: the kernel's buffers hold
+  some of it, so a client may have read less.
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import random
 import re
@@ -37,11 +57,11 @@ import socketserver
 import sys
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType, TracebackType
-from typing import Any, Callable, Iterable, Literal, Mapping, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Union
 
 __all__ = [
     "BATCH_PATH",
@@ -92,6 +112,9 @@ _PUSH_CHANNEL_FIELDS = _CHANNEL_FIELDS | frozenset(_PUSH_ONLY_FIELDS)
 # hang up instead of reading on.
 _DRAIN_LIMIT = 64 << 20
 _DRAIN_CHUNK = 64 << 10
+
+# pad_response is written from this one chunk, so a padded answer of any size costs 64 KiB.
+_PAD_CHUNK = b" " * (64 << 10)
 
 ScriptItem = Union[int, Literal["drop"], None]
 """One scripted answer: an HTTP status, ``"drop"`` (close without answering), or ``None``
@@ -261,12 +284,16 @@ def parse_script(text: str) -> list[ScriptItem]:
     return _checked_script(items)
 
 
+def _is_status(item: object) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool) and 200 <= item <= 599
+
+
 def _checked_script(items: Iterable[object]) -> list[ScriptItem]:
     checked: list[ScriptItem] = []
     for item in items:
         if item is None or item == "drop":
             checked.append(None if item is None else "drop")
-        elif isinstance(item, int) and not isinstance(item, bool) and 200 <= item <= 599:
+        elif isinstance(item, int) and _is_status(item):
             checked.append(item)
         else:
             raise ValueError(f"a script item is a status 200-599, 'drop' or None, not {item!r}")
@@ -278,13 +305,19 @@ def _checked_script(items: Iterable[object]) -> list[ScriptItem]:
 
 @dataclass(frozen=True)
 class RecordedRequest:
-    """One request as the server saw it. ``status`` is None when no answer was sent."""
+    """One request as the server saw it. ``status`` is None when no answer was sent.
+
+    ``bytes_sent`` is how many bytes of the answer's body (padding included) the server
+    handed to the connection: None while the answer is being written, 0 for a dropped
+    request, fewer than its ``Content-Length`` when the client hung up first.
+    """
 
     method: str
     path: str
     status: int | None
     headers: dict[str, str]
     body: bytes
+    bytes_sent: int | None = None
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -295,6 +328,8 @@ class _Reply:
     status: int | None  # None: close the connection without answering
     body: dict[str, object]
     headers: tuple[tuple[str, str], ...] = ()
+    trickle: float = 0.0  # seconds between the bytes of the answer; 0 writes it at once
+    padding: int = 0  # whitespace bytes after the body
 
 
 _DROP = _Reply(None, {})
@@ -324,9 +359,10 @@ def _utc_now() -> datetime:
 class DevServer:
     """An in-memory Whisperr ingestion server on a local port, run in a daemon thread.
 
-    ``api_key``, ``retry_after``, ``latency``, ``failure_rate``, ``legacy``,
-    ``max_body_bytes``, ``clock`` and ``verbose`` may be reassigned while it runs: each is
-    read once per request and replaced whole, which is atomic, so they need no lock.
+    ``api_key``, ``retry_after``, ``latency``, ``failure_rate``, ``legacy``, ``trickle``,
+    ``pad_response``, ``answer``, ``max_body_bytes``, ``clock`` and ``verbose`` may be
+    reassigned while it runs: each is read once per request and replaced whole, which is
+    atomic, so they need no lock.
     ``script`` is a property guarded by the lock, like everything the server records.
     """
 
@@ -342,6 +378,9 @@ class DevServer:
         failure_rate: float = 0.0,
         seed: int | None = None,
         legacy: bool = False,
+        trickle: float = 0.0,
+        pad_response: int = 0,
+        answer: int | None = None,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         clock: Callable[[], datetime] | None = None,
         verbose: bool = False,
@@ -352,6 +391,12 @@ class DevServer:
             raise ValueError("failure_rate must be within [0, 1]")
         if latency < 0:
             raise ValueError("latency must not be negative")
+        if trickle < 0:
+            raise ValueError("trickle must not be negative")
+        if pad_response < 0:
+            raise ValueError("pad_response must not be negative")
+        if answer is not None and not _is_status(answer):
+            raise ValueError(f"answer must be a status 200-599 or None, not {answer!r}")
         if max_body_bytes < 0:
             raise ValueError("max_body_bytes must not be negative")
         self.api_key = api_key
@@ -360,6 +405,9 @@ class DevServer:
         self.latency = latency
         self.failure_rate = failure_rate
         self.legacy = legacy
+        self.trickle = trickle
+        self.pad_response = pad_response
+        self.answer = answer
         self.max_body_bytes = max_body_bytes
         self.clock: Callable[[], datetime] = clock or _utc_now
         self.verbose = verbose
@@ -403,7 +451,9 @@ class DevServer:
         if httpd is None:
             return
         self._httpd = self._thread = None
-        self._stopping.set()  # wakes requests sleeping out their latency; they get no answer
+        # Wakes requests sleeping out their latency (they get no answer) and cuts trickling
+        # answers short.
+        self._stopping.set()
         httpd.shutdown()
         httpd.server_close()
         with self._lock:
@@ -509,6 +559,14 @@ class DevServer:
         with self._changed:
             return self._changed.wait_for(lambda: len(self._requests) >= n, timeout)
 
+    def wait_for_answers(self, n: int, timeout: float = 10.0) -> bool:
+        """Block until at least ``n`` answers are written out, abandoned or dropped (their
+        record's ``bytes_sent`` is set); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: sum(r.bytes_sent is not None for r in self._requests) >= n, timeout
+            )
+
     def reset(self) -> None:
         """Forget everything received (message ids included) and the remaining script."""
         with self._lock:
@@ -535,7 +593,7 @@ class DevServer:
         headers: dict[str, str],
         body: bytes,
         body_problem: _Reply | None,
-    ) -> _Reply:
+    ) -> tuple[_Reply, RecordedRequest]:
         if self.latency > 0:
             self._stopping.wait(self.latency)
         if self._stopping.is_set():
@@ -546,16 +604,34 @@ class DevServer:
             reply = _error(405, "use POST", (("Allow", "POST"),))
         else:
             reply = self._ingest(path, headers, body, body_problem)
+        # Recorded before the answer goes out, so a client that has its answer finds its
+        # request here; only bytes_sent waits for the writing (see _record_bytes_sent).
+        record = RecordedRequest(
+            method=method, path=path, status=reply.status, headers=headers, body=body
+        )
         with self._changed:
-            self._requests.append(RecordedRequest(method, path, reply.status, headers, body))
+            self._requests.append(record)
             self._changed.notify_all()
         if self.verbose:
             _print_request_line(method, path, reply)
-        return reply
+        return replace(reply, trickle=self.trickle, padding=self.pad_response), record
+
+    def _record_bytes_sent(self, record: RecordedRequest, bytes_sent: int) -> None:
+        with self._changed:
+            # From the end: it is nearly always the latest. reset() may have dropped it.
+            for index in range(len(self._requests) - 1, -1, -1):
+                if self._requests[index] is record:
+                    self._requests[index] = replace(record, bytes_sent=bytes_sent)
+                    break
+            self._changed.notify_all()
 
     def _ingest(
         self, path: str, headers: dict[str, str], body: bytes, body_problem: _Reply | None
     ) -> _Reply:
+        answer = self.answer
+        if answer is not None:
+            # A gateway in front of the API answers before it: no script, no key check.
+            return self._fault_reply(answer, f"answer set to {answer}")
         fault = self._next_fault()
         if fault is not None:
             return fault
@@ -651,6 +727,20 @@ def _print_request_line(method: str, path: str, reply: _Reply) -> None:
     sys.stdout.flush()
 
 
+def _padded(payload: bytes, padding: int) -> Iterator[bytes]:
+    yield payload
+    while padding > 0:
+        chunk = _PAD_CHUNK[:padding]
+        yield chunk
+        padding -= len(chunk)
+
+
+def _bytewise(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    for chunk in chunks:
+        for index in range(len(chunk)):
+            yield chunk[index : index + 1]
+
+
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -696,11 +786,14 @@ class _Handler(BaseHTTPRequestHandler):
             return
         headers = {name.lower(): value for name, value in self.headers.items()}
         path = self.path.split("?", 1)[0]
-        reply = self.server.app._respond(self.command, path, headers, body, body_problem)
+        app = self.server.app
+        reply, record = app._respond(self.command, path, headers, body, body_problem)
+        bytes_sent = 0
         if reply.status is None:
             self.close_connection = True
         else:
-            self._send(reply.status, reply)
+            bytes_sent = self._send(reply.status, reply)
+        app._record_bytes_sent(record, bytes_sent)
 
     do_GET = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_POST
 
@@ -731,18 +824,46 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ConnectionError("client closed the connection mid-body")
             length -= len(chunk)
 
-    def _send(self, status: int, reply: _Reply) -> None:
+    def _send(self, status: int, reply: _Reply) -> int:
+        """Write the answer; returns how many of its body bytes went out.
+
+        A client hanging up, or stop() during a trickle, ends the answer early and closes
+        the connection: routine here, not an error.
+        """
         payload = json.dumps(reply.body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in reply.headers:
-            self.send_header(name, value)
+        head = self._head(status, reply.headers, len(payload) + reply.padding)
+        body: Iterable[bytes] = () if self.command == "HEAD" else _padded(payload, reply.padding)
+        pieces: Iterator[bytes] = itertools.chain((head,), body)
+        pause = reply.trickle
+        if pause > 0:
+            pieces = _bytewise(pieces)
+        written = 0
+        try:
+            for index, piece in enumerate(pieces):
+                # stop() sets _stopping, which ends the pause and the answer at once.
+                if index and pause > 0 and self.server.app._stopping.wait(pause):
+                    raise ConnectionAbortedError("the server is stopping")
+                self.wfile.write(piece)
+                written += len(piece)  # a piece cut off mid-write is not counted
+        except OSError:
+            self.close_connection = True
+        return max(written - len(head), 0)
+
+    def _head(self, status: int, extra: Iterable[tuple[str, str]], length: int) -> bytes:
+        # Built whole rather than through send_response(), which writes the headers out in
+        # one go: a trickle must pace the status line and headers like the body.
+        phrase = self.responses.get(status, ("",))[0]
+        lines = [
+            f"{self.protocol_version} {status} {phrase}",
+            f"Server: {self.version_string()}",
+            f"Date: {self.date_time_string()}",
+            "Content-Type: application/json",
+            f"Content-Length: {length}",
+            *(f"{name}: {value}" for name, value in extra),
+        ]
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def log_message(self, format: str, *args: Any) -> None:
         """Silenced: DevServer prints its own line per request when verbose."""
@@ -776,6 +897,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--legacy", action="store_true", help="one bad event fails the whole batch with 400"
     )
     parser.add_argument(
+        "--trickle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="write every answer one byte at a time, this long apart",
+    )
+    parser.add_argument(
+        "--pad-response",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="follow every answer's body with this much whitespace",
+    )
+    parser.add_argument(
+        "--answer",
+        type=int,
+        metavar="STATUS",
+        help="answer every ingestion request with this status and store nothing "
+        "(e.g. 404, a gateway during a deploy); overrides --script and --failure-rate",
+    )
+    parser.add_argument(
         "--script",
         default="",
         metavar="ITEMS",
@@ -799,6 +941,9 @@ def main(argv: list[str] | None = None) -> int:
             failure_rate=args.failure_rate,
             seed=args.seed,
             legacy=args.legacy,
+            trickle=args.trickle,
+            pad_response=args.pad_response,
+            answer=args.answer,
             max_body_bytes=args.max_body_bytes,
             verbose=True,
         )
