@@ -5,7 +5,10 @@
     python scripts/soak.py --seconds 3600 --producers 3 --senders 2 --seed 42
 
 Rounds of producer and sender processes sharing one outbox file are SIGKILLed at random
-moments while a local server fails a share of requests; each round prints how many ops were
+moments while a local server fails a share of requests, and each round injects faults: a
+server that trickles its answers, one that answers 404, an outbox that cannot be written for
+a moment, a damaged row, the sender-lock holder stopped (SIGSTOP). Each round prints how many
+ops were
 tracked (their ``track()`` returned), delivered (unique), still queued and lost, and the
 duplicate rate. The run is cut into epochs (``--epoch-seconds``), each with a fresh server and
 outbox, so that memory stays bounded: at the end of each, the server stops failing, a fresh
@@ -43,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--producers", type=int, default=3, help="producers per round")
     parser.add_argument("--senders", type=int, default=2, help="pure senders per round")
     parser.add_argument("--kills", type=int, default=6, help="aimed kills per round")
+    parser.add_argument(
+        "--faults",
+        default=",".join(chaos.FAULT_KINDS),
+        help=f"faults to inject, comma-separated, from {', '.join(chaos.FAULT_KINDS)} "
+        "('' for none); default: all",
+    )
+    parser.add_argument("--faults-per-round", type=int, default=1)
     parser.add_argument("--ops", type=int, default=5_000, help="ops per producer process")
     parser.add_argument("--failure-rate", type=float, default=defaults.failure_rate)
     parser.add_argument("--latency", type=float, default=defaults.latency)
@@ -69,6 +79,11 @@ def run_epoch(config: chaos.ChaosConfig, workdir: str | None) -> chaos.ChaosRepo
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    faults = tuple(f for f in args.faults.split(",") if f)
+    unknown = set(faults) - set(chaos.FAULT_KINDS)
+    if unknown:
+        print(f"soak: unknown faults {sorted(unknown)}", file=sys.stderr)
+        return 2
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     print(f"soak: seed {seed}, {args.seconds:.0f}s in epochs of {args.epoch_seconds:.0f}s")
     started = time.monotonic()
@@ -84,6 +99,8 @@ def main(argv: list[str]) -> int:
             producers=args.producers,
             senders=args.senders,
             kills_per_round=args.kills,
+            faults=faults,
+            faults_per_round=args.faults_per_round,
             ops_per_producer=args.ops,
             failure_rate=args.failure_rate,
             latency=args.latency,

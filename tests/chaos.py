@@ -18,6 +18,23 @@ land. One outbox file lives in a temporary directory. Each round starts child pr
 - senders: a client that only calls ``flush()`` in a loop, announcing each call (``F+``)
   and its end (``F-``).
 
+Once a round (``faults_per_round``), between its kills, the parent also injects a fault
+from a shuffled deck of five (never killing meanwhile, so that no op is only in memory when
+a kill lands; the round goes on once the children are through it):
+
+- trickle: the server sends its answers one byte at a time, far slower than any request
+  timeout allows; the children's watchdogs must end those requests (as retries);
+- 404: the server answers 404 to everything, as a gateway in a deploy; the children must
+  keep every op and pause (``config``);
+- read-only: the outbox's WAL (and, without root, the file) cannot be written for a moment
+  (``chattr +i`` as root, a mode of 0400 otherwise); the children hold their ops in memory,
+  deliver them from there, and store the rest once the file takes writes again;
+- damaged row: a row that is not an op's wire JSON (not UTF-8) is put in the queue; a sender
+  must move it to the dead letters and deliver the rest;
+- SIGSTOP: the process holding the sender lock is stopped in the middle of its work; the
+  others must take over once its lease has run out, and its late acknowledgements must do
+  no harm when it is continued.
+
 The parent SIGKILLs children at moments chosen by waiting on conditions, never by sleeping:
 a producer after it reported k more ops; the process that holds the sender lock (read from
 ``/proc/locks``, so it is mid-delivery) after the server stored m more events; a sender
@@ -35,7 +52,9 @@ is pending, and the parent checks, from the server's records:
   and the record);
 - ids never regenerated: every attempt to send one ``(p, i)``, accepted or not, carried the
   same body and ``$message_id``, no two accepted events share a ``(p, i)``, and the server's
-  duplicate count equals the re-deliveries seen on the wire.
+  duplicate count equals the re-deliveries seen on the wire;
+- nothing dead-lettered but the damaged rows, nothing evicted, and no report or warning a
+  child gives that the faults of the run do not explain.
 """
 
 from __future__ import annotations
@@ -76,6 +95,37 @@ KILL_IN_FLUSH = "in_flush"  # a pure sender inside flush()
 KILL_ANY = "any"  # any child, after m more requests
 KILL_KINDS = (KILL_PRODUCER, KILL_LEADER, KILL_IN_FLUSH, KILL_ANY)
 
+# The faults the parent injects (each round draws from a shuffled deck of them).
+FAULT_TRICKLE = "trickle"
+FAULT_404 = "404"
+FAULT_READ_ONLY = "read_only"
+FAULT_DAMAGED_ROW = "damaged_row"
+FAULT_SIGSTOP = "sigstop"
+FAULT_KINDS = (FAULT_TRICKLE, FAULT_404, FAULT_READ_ONLY, FAULT_DAMAGED_ROW, FAULT_SIGSTOP)
+
+# What a child may report to on_error, and log at WARNING, without breaking the contract:
+# always (the server fails a share of requests), and for each fault of the run.
+ALLOWED_REPORTS: dict[Optional[str], set[str]] = {
+    None: {"retry_exhausted"},
+    FAULT_404: {"config"},
+    FAULT_READ_ONLY: {"store_error"},
+}
+ALLOWED_WARNINGS: dict[Optional[str], tuple[str, ...]] = {
+    None: ("unreachable or failing", "delivery works again"),
+    FAULT_404: ("base_url is probably wrong",),
+    FAULT_READ_ONLY: (
+        "cannot be written",
+        "takes writes again",
+        "still fails",
+        "cannot use the outbox",
+        "can use the outbox again",
+    ),
+    FAULT_DAMAGED_ROW: ("damaged",),
+    FAULT_SIGSTOP: ("made no progress",),
+}
+# The body of the damaged row: a JSON object, but not UTF-8.
+DAMAGED_BODY = bytes.fromhex("7b22ff227d")
+
 # What a child runs: this file's directory on sys.path, then child_main(spec).
 _CHILD_CODE = (
     "import sys; sys.path.insert(0, sys.argv[1]); import chaos; chaos.child_main(sys.argv[2])"
@@ -100,6 +150,8 @@ class ChaosConfig:
     producers: int = 2
     senders: int = 1
     kills_per_round: int = 3
+    faults: tuple[str, ...] = FAULT_KINDS
+    faults_per_round: int = 1
     ops_per_producer: int = 2_000
     failure_rate: float = 0.2
     latency: float = 0.01
@@ -231,6 +283,7 @@ class Child:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     reported: Counter[str] = field(default_factory=Counter)
+    episodes: int = 0  # begun minus ended: ops held in memory (the file failing)
     reader: Optional[threading.Thread] = None
 
     @property
@@ -280,6 +333,10 @@ class ChaosReport:
     invented: list[str] = field(default_factory=list)
     regenerated: list[str] = field(default_factory=list)
     kills: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)  # faults injected
+    fault_effects: Counter[str] = field(default_factory=Counter)  # faults seen to bite
+    damaged_rows: int = 0
+    enabled_faults: tuple[str, ...] = ()
     leader_kills: int = 0  # the killed process held the sender lock
     in_flush_kills: int = 0  # the killed process was inside flush()
     in_flush_by_kind: Counter[str] = field(default_factory=Counter)
@@ -323,15 +380,29 @@ class ChaosReport:
             found.append(f"children that died on their own: {self.crashes[:3]}")
         if self.child_errors:
             found.append(f"errors in children: {self.child_errors[:5]}")
-        if self.child_warnings:
-            found.append(f"warnings in children: {self.child_warnings[:5]}")
-        bad_reports = {k: n for k, n in self.reported.items() if k != "retry_exhausted"}
+        allowed = ALLOWED_WARNINGS[None] + tuple(
+            w for f in self.enabled_faults for w in ALLOWED_WARNINGS.get(f, ())
+        )
+        warnings = [w for w in self.child_warnings if not any(a in w for a in allowed)]
+        if warnings:
+            found.append(f"warnings in children: {warnings[:5]}")
+        kinds = set(ALLOWED_REPORTS[None]).union(
+            *(ALLOWED_REPORTS.get(f, set()) for f in self.enabled_faults)
+        )
+        bad_reports = {k: n for k, n in self.reported.items() if k not in kinds and k != "dropped"}
         if bad_reports:
             found.append(f"on_error reports in children: {bad_reports}")
+        if self.reported["dropped"] > self.damaged_rows:
+            found.append(
+                f"{self.reported['dropped']} dropped reports for {self.damaged_rows} damaged rows"
+            )
         if self.final_pending != 0:
             found.append(f"{self.final_pending} op(s) still pending ({self.final_reason})")
-        if self.dead_letters or self.evicted:
-            found.append(f"dead letters {self.dead_letters}, evicted {self.evicted}")
+        if self.dead_letters != self.damaged_rows or self.evicted:
+            found.append(
+                f"dead letters {self.dead_letters} (damaged rows put in: {self.damaged_rows}), "
+                f"evicted {self.evicted}"
+            )
         if self.tracked == 0:
             found.append("no op was tracked: the run proves nothing")
         return found
@@ -345,6 +416,7 @@ class ChaosReport:
             f"duplicates {self.duplicates} (rate {self.duplicate_rate:.3%}); "
             f"requests {self.requests} ({self.failed_requests} failed by the server); "
             f"kills [{kills}], of which holding the sender lock {self.leader_kills}, "
+            f"faults {dict(self.faults)} (seen to bite: {dict(self.fault_effects)}), "
             f"inside flush() {self.in_flush_kills} ({self.in_flush_by_kind[KILL_IN_FLUSH]} aimed); "
             f"wait timeouts {self.wait_timeouts}; "
             f"on_error {dict(self.reported)}"
@@ -451,14 +523,17 @@ def queued_keys(db: str) -> set[Key]:
             row
             for (table,) in tables
             for row in conn.execute(
-                'SELECT body FROM "' + table.replace('"', '""') + '"'
+                'SELECT CAST(body AS BLOB) FROM "' + table.replace('"', '""') + '"'
             ).fetchall()
         ]
     finally:
         conn.close()
     keys = set()
     for (body,) in rows:
-        key = _key(json.loads(body))
+        try:
+            key = _key(json.loads(body))
+        except ValueError:  # a damaged row the parent put there
+            continue
         if key is not None:
             keys.add(key)
     return keys
@@ -481,6 +556,7 @@ class _Chaos:
         self.round = 0
         self.serial = 0
         self.deck: list[str] = []
+        self.fault_deck: list[str] = []
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         self.env = env
@@ -550,6 +626,10 @@ class _Chaos:
                     child.errors.append(f"{child.name}: {rest}")
                 elif tag == "W":
                     child.warnings.append(f"{child.name}: {rest}")
+                    if "the outbox cannot be written" in rest:
+                        child.episodes += 1
+                    elif "the outbox takes writes again" in rest:
+                        child.episodes -= 1
                 elif tag == "X":
                     child.reported[rest.partition(" ")[0]] += 1
                 else:
@@ -683,6 +763,107 @@ class _Chaos:
     def replace(self, child: Child) -> None:
         self.spawn(child.role)
 
+    # -- one fault of each kind; no child is killed while it lasts --
+
+    def fault_trickle(self) -> None:
+        before = len(self.server.requests)
+        self.server.trickle = 1.0  # one byte a second: no answer within request_timeout
+        try:
+            if self.server.wait_for_requests(before + 2, self._t()):
+                self.report.fault_effects[FAULT_TRICKLE] += 1
+            # The requests sent meanwhile must end: they hold the sender lock.
+            self.wait_for_answers(self._t() + self.config.request_timeout)
+        finally:
+            self.server.trickle = 0.0
+
+    def fault_404(self) -> None:
+        before = len(self.server.requests)
+        self.server.answer = 404
+        try:
+            if self.server.wait_for_requests(before + 2, self._t()):
+                self.report.fault_effects[FAULT_404] += 1
+        finally:
+            self.server.answer = None
+
+    def fault_read_only(self) -> None:
+        with self.cond:
+            begun = sum(c.episodes > 0 for c in self.children)
+        if not read_only(self.db, True):
+            return
+        try:
+            # Long enough for producers to try to write, and for senders to try to claim.
+            for child in self.live(PRODUCER):
+                target = child.records + 5
+
+                def wrote(c: Child = child, t: int = target) -> bool:
+                    return c.records >= t or c.done or c.eof
+
+                self.wait(wrote, 2.0)
+        finally:
+            read_only(self.db, False)
+        with self.cond:
+            if sum(c.episodes > 0 for c in self.children) > begun:
+                self.report.fault_effects[FAULT_READ_ONLY] += 1
+        # No kill until every child wrote what it held to the file (or delivered it).
+        if not self.wait(lambda: all(c.episodes <= 0 for c in self.live()), 15.0):
+            self.timed_out(FAULT_READ_ONLY)
+
+    def fault_damaged_row(self) -> None:
+        conn = sqlite3.connect(self.db, timeout=10, isolation_level=None)
+        try:
+            ((table,),) = conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name LIKE 'ops:%'"
+            ).fetchall()
+            conn.execute(
+                'INSERT INTO "' + table.replace('"', '""') + '" (kind, body, created_ms) '
+                "VALUES (0, CAST(? AS TEXT), ?)",
+                (DAMAGED_BODY, int(time.time() * 1000)),
+            )
+        finally:
+            conn.close()
+        self.report.damaged_rows += 1
+        # A sender takes it with the rows around it.
+        target = self._server_events() + 1
+        if self.server.wait_for_events(target, self._t()):
+            self.report.fault_effects[FAULT_DAMAGED_ROW] += 1
+
+    def fault_sigstop(self) -> None:
+        child = None
+        for _ in range(20):
+            pid = lock_holder(self.db)
+            child = next((c for c in self.live() if c.proc.pid == pid), None)
+            if child is not None:
+                break
+            self.server.wait_for_requests(len(self.server.requests) + 1, 1.0)
+        if child is None:
+            self.timed_out(FAULT_SIGSTOP)
+            return
+        os.kill(child.proc.pid, signal.SIGSTOP)
+        try:
+            # The others deliver once its lease (request_timeout + 5 s) has run out.
+            target = self._server_events() + 1
+            lease = self.config.request_timeout + 5.0
+            if self.server.wait_for_events(target, 2 * lease + self._t()):
+                self.report.fault_effects[FAULT_SIGSTOP] += 1
+        finally:
+            os.kill(child.proc.pid, signal.SIGCONT)
+
+    def wait_for_answers(self, timeout: float) -> None:
+        """Until every request the server got has had its answer (or was cut)."""
+        deadline = time.monotonic() + timeout
+        while any(r.bytes_sent is None for r in self.server.requests):
+            if time.monotonic() >= deadline:
+                return
+            self.server.wait_for_answers(len(self.server.requests), 0.1)
+
+    def next_fault(self) -> Optional[str]:
+        if not self.config.faults:
+            return None
+        if not self.fault_deck:
+            self.fault_deck = list(self.config.faults)
+            self.rng.shuffle(self.fault_deck)
+        return self.fault_deck.pop()
+
     def _t(self) -> float:
         return self.config.wait_timeout
 
@@ -708,7 +889,20 @@ class _Chaos:
             KILL_IN_FLUSH: self.kill_in_flush,
             KILL_ANY: self.kill_any,
         }
-        for _ in range(self.config.kills_per_round):
+        faults = {
+            FAULT_TRICKLE: self.fault_trickle,
+            FAULT_404: self.fault_404,
+            FAULT_READ_ONLY: self.fault_read_only,
+            FAULT_DAMAGED_ROW: self.fault_damaged_row,
+            FAULT_SIGSTOP: self.fault_sigstop,
+        }
+        for k in range(self.config.kills_per_round):
+            if k == self.config.kills_per_round // 2:
+                for _ in range(self.config.faults_per_round):
+                    fault = self.next_fault()
+                    if fault is not None:
+                        self.report.faults[fault] += 1
+                        faults[fault]()
             actions[self.next_kind()]()
         # The end of the round: whatever runs now is killed where it stands.
         for child in self.live():
@@ -823,6 +1017,26 @@ class _Chaos:
                 )
 
 
+def read_only(db: str, on: bool) -> bool:
+    """Make the outbox unwritable (``on``) or writable again; ``False`` if this cannot be done
+    here. Root ignores modes: as root the WAL, which every commit writes, is made immutable
+    (never the -shm, which SQLite maps: writing it then would be a SIGBUS)."""
+    if os.geteuid() != 0:
+        for name in (db, db + "-wal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(name, 0o400 if on else 0o600)
+        return True
+    if not os.path.exists(db + "-wal"):
+        return False
+    try:
+        done = subprocess.run(
+            ["chattr", "+i" if on else "-i", db + "-wal"], capture_output=True, check=False
+        )
+    except OSError:  # no chattr here
+        return False
+    return done.returncode == 0
+
+
 def _tail(path: str, size: int = 2000) -> str:
     try:
         with open(path, "rb") as f:
@@ -854,6 +1068,7 @@ def run_chaos(
             )
         )
         chaos = _Chaos(config, workdir, server, log)
+        chaos.report.enabled_faults = tuple(config.faults)
         try:
             while True:
                 chaos.run_round()

@@ -3,9 +3,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
+import sqlite3
+import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,6 +23,7 @@ from whisperr_durable._outbox import _queue_table
 from whisperr_durable.devserver import DevServer
 
 API_KEY = "wrk_test_key"
+ROOT = Path(__file__).resolve().parent.parent
 
 MakeClient = Callable[..., DurableWhisperr]
 
@@ -24,6 +31,57 @@ MakeClient = Callable[..., DurableWhisperr]
 def queue_table(api_key: str = API_KEY) -> str:
     """The quoted name of ``api_key``'s queue table in an outbox file, for raw SQL."""
     return _queue_table(key_fingerprint(api_key))
+
+
+def numbers(events: Iterable[dict[str, Any]]) -> list[int]:
+    """The ``i`` property of events, in their order."""
+    return [e["properties"]["i"] for e in events]
+
+
+def delivery_order(server: DevServer) -> list[int]:
+    """The ``i`` of every accepted op (event property, identify trait) in request order."""
+    order: list[int] = []
+    for request in server.requests:
+        if request.status is None or not 200 <= request.status < 300:
+            continue
+        body = request.json()
+        if request.path.endswith("/identify"):
+            order.append(body["traits"]["i"])
+        else:
+            order.extend(numbers(body["events"]))
+    return order
+
+
+def raw(path: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+    """Read the file through a connection of our own, as another process would."""
+    with closing(sqlite3.connect(path, isolation_level=None, timeout=10)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll a condition the SDK's own threads bring about, where no event can be waited on."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child Python: this checkout importable, no WHISPERR_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPERR_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+def closed_port_url() -> str:
+    """A URL nothing listens on: every request to it fails at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -109,3 +167,45 @@ def load_spec(name: str) -> dict[str, Any]:
         pytest.skip(f"{path} does not exist")
     data: dict[str, Any] = json.loads(path.read_text())
     return data
+
+
+def as_unprivileged(fn: Callable[[], int]) -> Callable[[], int]:
+    """``fn`` run as ``nobody`` when we are root (root ignores permission bits)."""
+    if os.geteuid() != 0:
+        return fn
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody")
+        uid, gid = nobody.pw_uid, nobody.pw_gid
+    except KeyError:
+        uid = gid = 65534
+
+    def drop_and_run() -> int:
+        # Imported while still root: the interpreter may live where nobody cannot read it
+        # (under /root), and a client imports these on first use.
+        import encodings.idna  # noqa: F401
+        import secrets  # noqa: F401
+
+        import filelock  # noqa: F401
+        import httpx
+
+        httpx.Client().close()
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+        return fn()
+
+    return drop_and_run
+
+
+@pytest.fixture
+def world_readable_dir() -> Iterator[Path]:
+    """A directory outside pytest's private tree (0700), which ``nobody`` can enter."""
+    directory = Path(tempfile.mkdtemp(prefix="whisperr-faults-"))
+    os.chmod(directory, 0o755)
+    try:
+        yield directory
+    finally:
+        os.chmod(directory, 0o755)
+        shutil.rmtree(directory, ignore_errors=True)

@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, MakeClient, queue_table
+from conftest import API_KEY, MakeClient, closed_port_url, queue_table
 
 from whisperr_durable import DurableWhisperr, OutboxFile, StoreError
 from whisperr_durable._client import key_fingerprint
@@ -23,7 +23,7 @@ def test_status_counts_what_each_key_holds(
     client = make_client()
     client.track("u1", "gets_refused")
     server.push_script(400)
-    assert client.flush(timeout=5).ok  # dead-lettered
+    assert client.flush(timeout=5).refused == 1  # dead-lettered
     client.shutdown(timeout=5)  # its sender's cycle, and its record of it, are over
     client = make_client()  # sends nothing before a flush
     client.track("u1", "payment_failed", {"i": 1})
@@ -86,7 +86,7 @@ def test_requeue_sends_a_dead_letter_again_with_its_message_id(
     client = make_client()
     client.track("u1", "refused_then_fixed", {"i": 1})
     server.push_script(422)
-    assert client.flush(timeout=5).ok
+    assert client.flush(timeout=5).refused == 1
     with OutboxFile(db_path, api_key=API_KEY) as outbox:
         (dead,) = outbox.dead_letters()
         assert dead.status == 422 and dead.kind == "track"
@@ -105,7 +105,7 @@ def test_peek_shows_a_requeued_op_where_it_will_be_delivered(
     client = make_client()
     client.track("u1", "refused_then_fixed", {"i": 0})
     server.push_script(422)
-    assert client.flush(timeout=5).ok  # dead-lettered
+    assert client.flush(timeout=5).refused == 1  # dead-lettered
     tick = utc_now_ms()
     while utc_now_ms() <= tick:  # the newer ops are created in a later millisecond
         pass
@@ -128,7 +128,7 @@ def test_purge_deletes_dead_letters_by_id_or_all(
     for i in range(3):
         client.track("u1", "refused", {"i": i})
     server.push_script(400, 400, 400, 400, 400, 400)  # the batch, then each half, then each
-    assert client.flush(timeout=5).ok
+    assert client.flush(timeout=5).refused == 3
     with OutboxFile(db_path) as outbox:
         dead = outbox.dead_letters()
         assert len(dead) == 3
@@ -169,15 +169,16 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(db_path: str) -> None:
             "context": {"$message_id": "v1-message"},
         }
     )
+    created_ms = utc_now_ms()  # not expired: the sender a client starts for it keeps it
     with sqlite3.connect(db_path, isolation_level=None) as conn:
         for statement in _SCHEMA_V1:
             conn.execute(statement)
         conn.execute(
             "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, 0, ?, ?)",
-            (key_fingerprint(API_KEY), body, 1),
+            (key_fingerprint(API_KEY), body, created_ms),
         )
         conn.execute("PRAGMA user_version = 1")
-    client = DurableWhisperr(API_KEY, path=db_path)
+    client = DurableWhisperr(API_KEY, path=db_path, base_url=closed_port_url())
     try:
         stats = client.stats()
         assert stats.schema_version == SCHEMA_VERSION == 3
@@ -189,4 +190,4 @@ def test_a_version_1_file_is_migrated_and_keeps_its_rows(db_path: str) -> None:
         rows = conn.execute(f"SELECT id, kind, body, created_ms FROM {queue_table()}").fetchall()
     assert "sender_state" in tables
     assert not {"ops", "queue_sizes"} & tables  # the single queue of versions 1 and 2 is gone
-    assert rows == [(1, 0, body, 1)]
+    assert rows == [(1, 0, body, created_ms)]

@@ -10,14 +10,25 @@ import os
 from pathlib import Path
 
 import chaos
-from chaos import KILL_IN_FLUSH, SABOTAGE_EVERY, SABOTAGE_SKIP, SABOTAGE_TWICE, ChaosConfig
+from chaos import (
+    FAULT_404,
+    FAULT_DAMAGED_ROW,
+    FAULT_KINDS,
+    FAULT_TRICKLE,
+    KILL_IN_FLUSH,
+    SABOTAGE_EVERY,
+    SABOTAGE_SKIP,
+    SABOTAGE_TWICE,
+    ChaosConfig,
+)
 
 
 def test_no_returned_op_is_lost_when_processes_are_killed_at_random(tmp_path: Path) -> None:
-    # Rounds of 2 producers and 1 sender, 4 aimed kills each (one of every kind), until 5
-    # rounds or 12 seconds have passed; then the final drain and audit.
+    # Rounds of 2 producers and 1 sender, 4 aimed kills each (one of every kind) and one
+    # fault (each kind once in five rounds: a trickling server, a 404-answering one, a
+    # read-only file, a damaged row, the lock holder stopped); then the final drain and audit.
     seed = int.from_bytes(os.urandom(4), "big")
-    config = ChaosConfig(rounds=5, seconds=12.0, kills_per_round=4, seed=seed)
+    config = ChaosConfig(rounds=5, kills_per_round=4, seed=seed)
     print(f"\nchaos seed {config.seed}")
     report = chaos.run_chaos(config, workdir=str(tmp_path))
     print(report.summary())
@@ -37,12 +48,16 @@ def test_no_returned_op_is_lost_when_processes_are_killed_at_random(tmp_path: Pa
     assert report.in_flush_by_kind[KILL_IN_FLUSH] >= 1, "no sender was killed inside flush()"
     if os.path.exists("/proc/locks"):
         assert report.leader_kills >= 1, "no sender was killed while holding the sender lock"
+    assert set(report.faults) == set(FAULT_KINDS)
+    for fault in (FAULT_TRICKLE, FAULT_404, FAULT_DAMAGED_ROW):  # the others may find no target
+        assert report.fault_effects[fault] >= 1, f"the {fault} fault never bit"
+    assert report.dead_letters == report.damaged_rows == 1
 
 
 def test_the_audit_catches_lost_and_regenerated_ops(tmp_path: Path) -> None:
     # The same loop with producers that lie: op i is recorded without being tracked when
     # i % 50 == 49, and tracked twice (two message ids) when i % 50 == 24.
-    config = ChaosConfig(rounds=1, kills_per_round=2, sabotage=True, seed=7)
+    config = ChaosConfig(rounds=1, kills_per_round=2, faults=(), sabotage=True, seed=7)
     report = chaos.run_chaos(config, workdir=str(tmp_path), log=lambda line: None)
 
     recorded = report.returned

@@ -6,7 +6,6 @@ import inspect
 import json
 import os
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -19,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, MakeClient, queue_table, run_forked
+from conftest import (
+    API_KEY,
+    MakeClient,
+    closed_port_url,
+    numbers,
+    queue_table,
+    run_forked,
+)
 
 import whisperr_durable
 from whisperr_durable import (
@@ -44,20 +50,9 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_retry, "backoff", lambda n, rand=None: 0.001)
 
 
-def closed_port_url() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 def wire_time(epoch_ms: int) -> str:
     moment = datetime.fromtimestamp(epoch_ms // 1000, tz=timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{epoch_ms % 1000:03d}Z"
-
-
-def numbers(events: list[dict[str, Any]]) -> list[int]:
-    return [e["properties"]["i"] for e in events]
 
 
 def message_ids(body: bytes) -> list[str]:
@@ -439,7 +434,8 @@ def test_one_bad_event_in_a_legacy_400_batch_costs_only_itself(
         client.track("u1", "mixed_batch", {"i": i})
         client._clock_ms = utc_now_ms
 
-    assert client.flush(timeout=10).ok
+    result = client.flush(timeout=10)
+    assert (result.pending, result.reason, result.refused) == (0, None, 1)
 
     assert numbers(server.events) == [0, 1, 2, 3, 4, 5, 7, 8, 9]
     assert server.duplicates == 0
@@ -460,7 +456,8 @@ def test_expired_events_are_dead_lettered_and_never_sent(
     client._clock_ms = utc_now_ms
     client.track("u1", "fresh", {"i": 1})
 
-    assert client.flush(timeout=5).ok
+    result = client.flush(timeout=5)
+    assert (result.pending, result.reason, result.refused) == (0, None, 1)
 
     assert numbers(server.events) == [1]
     assert all(b"too_old" not in r.body for r in server.requests)
@@ -705,7 +702,7 @@ def test_a_fork_while_another_thread_is_inside_the_client(
     inside, release = threading.Event(), threading.Event()
 
     def busy() -> None:
-        with client._lock:
+        with client._writer._lock:
             inside.set()
             release.wait(30)
 
@@ -746,12 +743,15 @@ def test_an_op_that_cannot_be_stored_is_held_and_stored_first_when_the_file_reco
         blocker.close()
     assert [e.type for e in errors] == ["store_error"]  # once per episode
     stats = client.stats()
-    assert stats.store_errors == 2
+    assert (stats.store_errors, stats.held) == (2, 2)
     assert stats.pending == 1  # what was stored before is untouched
+    # Still in the episode: held at once, behind the others, without trying the file.
     client.track("u1", "after_lock", {"i": 3})
-    assert client.stats().pending == 4
+    assert client.stats().held == 3
+    # The sender stores the held ops first, oldest first, then delivers them in order.
     assert client.flush(timeout=5).ok
     assert [e["properties"]["i"] for e in server.events] == [0, 1, 2, 3]
+    assert client.stats().held == 0
 
 
 def test_track_many_stores_everything_in_order_and_skips_invalid_items(
@@ -781,8 +781,8 @@ def test_track_many_stores_everything_in_order_and_skips_invalid_items(
 def test_track_many_in_strict_mode_raises_for_an_invalid_item(make_client: MakeClient) -> None:
     client = make_client(strict=True)
     with pytest.raises(ValueError):
-        client.track_many([("u1", "fine"), ("u1", "Not Fine")])
-    assert client.stats().pending == 0  # the chunk never reached the outbox
+        client.track_many([("u1", "fine"), ("u1", "Not Fine"), ("u1", "after")])
+    assert client.stats().pending == 1  # the valid item before it is stored, none after
 
 
 def test_shutdown_stops_at_the_first_failure_and_keeps_the_rest(
@@ -811,19 +811,20 @@ def test_calls_from_several_threads_share_one_transaction(
     client = make_client(fsync=True)
     client.track("u0", "warm_up")
     statements: list[str] = []
-    client._outbox._connection().set_trace_callback(statements.append)
+    writer = client._writer
+    writer._outbox._connection().set_trace_callback(statements.append)
     threads = [
         threading.Thread(target=client.track, args=(f"u{n}", "grouped", {"n": n}))
         for n in range(1, 6)
     ]
     # While one commit is in progress (the client's lock held), the calls pile up...
-    with client._lock:
+    with writer._lock:
         for thread in threads:
             thread.start()
         deadline = time.monotonic() + 10
-        while client._group_added < 6 and time.monotonic() < deadline:
+        while writer._group_added < 6 and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert client._group_added == 6
+        assert writer._group_added == 6
     # ...and the first to get the lock commits them all: one transaction, one fsync.
     for thread in threads:
         thread.join(10)

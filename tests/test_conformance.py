@@ -230,7 +230,7 @@ def test_retries_run_out_after_max_retries(
     assert client.stats().pending == 1
 
 
-@pytest.mark.parametrize("status", [400, 404, 409, 413, 422])
+@pytest.mark.parametrize("status", [400, 409, 410, 413, 422])
 def test_other_4xx_drops_a_single_event_for_good(
     make_client: MakeClient, server: DevServer, errors: Errors, status: int
 ) -> None:
@@ -270,9 +270,15 @@ def test_identify_is_dropped_on_4xx_and_kept_on_auth(
     errors.wait_for("dropped")
     assert [d.kind for d in client.dead_letters()] == ["identify"]
     client.identify("user_2", email="a@b.c")
-    assert client.flush(timeout=FLUSH).reason == "auth"
-    assert client.stats().pending_identifies == 1
-    assert client.flush(timeout=FLUSH).ok
+    result = client.flush(timeout=FLUSH)
+    assert errors.wait_for("auth").status == 401  # reported, and the identify kept
+    # The 401 came to this flush, or to the cycle still running from the one before; a
+    # flush heeds only what its own attempt met, so it may already have tried again.
+    if result.reason == "auth":
+        assert client.stats().pending_identifies == 1
+        assert client.flush(timeout=FLUSH).ok
+    else:
+        assert result.ok
     assert [b["external_user_id"] for b in server.identifies] == ["user_2"]
 
 

@@ -18,7 +18,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -28,9 +27,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
-from conftest import API_KEY, MakeClient, queue_table, run_forked
+from conftest import (
+    API_KEY,
+    MakeClient,
+    as_unprivileged,
+    child_env,
+    closed_port_url,
+    delivery_order,
+    numbers,
+    queue_table,
+    raw,
+    run_forked,
+    wait_until,
+)
 
-from whisperr_durable import DurableWhisperr, WhisperrError, _client, _options, _retry
+from whisperr_durable import DurableWhisperr, WhisperrError, _options, _retry, _writer
 from whisperr_durable._client import key_fingerprint
 from whisperr_durable._lock import lock_path
 from whisperr_durable._outbox import SCHEMA_VERSION, Outbox
@@ -57,36 +68,6 @@ def restore_logger() -> Iterator[None]:
 
 
 # ---- helpers ----
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def numbers(events: list[dict[str, Any]]) -> list[int]:
-    return [e["properties"]["i"] for e in events]
-
-
-def delivery_order(server: DevServer) -> list[int]:
-    """The ``i`` of every accepted op (event property, identify trait) in request order."""
-    order: list[int] = []
-    for request in server.requests:
-        if request.status is None or not 200 <= request.status < 300:
-            continue
-        body = request.json()
-        if request.path.endswith("/identify"):
-            order.append(body["traits"]["i"])
-        else:
-            order.extend(numbers(body["events"]))
-    return order
-
-
-def raw(path: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    """Read the file through a connection of our own, as another process would."""
-    with closing(sqlite3.connect(path, isolation_level=None, timeout=5)) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def rows_in_main_file_only(path: str, scratch: Path) -> int:
@@ -125,7 +106,7 @@ def moved_aside(db_path: str) -> list[Path]:
 
 def cap_writer_pages(client: DurableWhisperr) -> sqlite3.Connection:
     """Make the client's own writer connection unable to grow the file (SQLITE_FULL)."""
-    conn = client._outbox._connection()
+    conn = client._writer._outbox._connection()
     (pages,) = conn.execute("PRAGMA page_count").fetchone()
     (limit,) = conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchone()
     assert limit == pages
@@ -152,7 +133,7 @@ def track_until_store_error(
 
 def held(client: DurableWhisperr) -> int:
     """Ops the client holds in memory because the outbox refused them."""
-    return len(client._overflow)
+    return client.stats().held
 
 
 def wait_ok(result: Any) -> None:
@@ -196,19 +177,19 @@ def test_disk_full_holds_ops_and_writes_them_first_when_space_returns(
 
     conn.execute(f"PRAGMA max_page_count={NO_PAGE_LIMIT}")  # space returns
     if recovery == "next_track":
+        # Still the episode: held at once, without trying the file. The sender retries the
+        # file within a second and stores them all, oldest first; nothing is sent yet.
         client.track("u1", "disk_full", {"i": i})
         i += 1
-        # Written at once, in this call, before the new op: all stored, nothing sent yet.
-        assert held(client) == 0
+        assert wait_until(lambda: held(client) == 0)
         assert client.stats().pending == i
         assert server.requests == []
         wait_ok(client.flush(timeout=10))
     elif recovery == "flush":
         wait_ok(client.flush(timeout=10))
     else:
-        # No new call at all: the sender writes the held ops when it wakes, then sends them.
-        # (A flush() would store them itself before waking the sender, and flush_interval
-        # would wake it during the full phase too, so wake it directly, as the timer does.)
+        # No new call at all: the sender delivers when it wakes (as the flush_interval timer
+        # wakes it), whether the file took the held ops by then or they go from memory.
         client._sender.wake()
         assert server.wait_for_events(i - 1, timeout=10)
         assert server.wait_for_identifies(1, timeout=10)
@@ -235,9 +216,9 @@ def test_each_disk_full_episode_is_reported_once(
     assert [e.type for e in errors] == ["store_error"]
 
     conn.execute(f"PRAGMA max_page_count={NO_PAGE_LIMIT}")
-    client.track("u1", "disk_full", {"i": i})  # the episode ends: everything is stored
+    client.track("u1", "disk_full", {"i": i})
     i += 1
-    assert held(client) == 0
+    assert wait_until(lambda: held(client) == 0)  # the sender stored them: the episode ends
     (pages,) = conn.execute("PRAGMA page_count").fetchone()
     conn.execute(f"PRAGMA max_page_count={int(pages)}")
     i = track_until_store_error(client, errors, i)
@@ -252,7 +233,7 @@ def test_beyond_max_overflow_the_oldest_held_ops_are_dropped_and_reported(
     make_client: MakeClient, server: DevServer
 ) -> None:
     # The client binds the name at import: this is the bound it really uses.
-    limit = _client.__dict__["MAX_OVERFLOW"]
+    limit = _writer.__dict__["MAX_OVERFLOW"]
     assert limit == _options.MAX_OVERFLOW
     errors: list[WhisperrError] = []
     client = make_client(on_error=errors.append)
@@ -279,7 +260,28 @@ def test_beyond_max_overflow_the_oldest_held_ops_are_dropped_and_reported(
     assert server.duplicates == 0
 
 
-def test_shutdown_with_the_disk_still_full_reports_the_held_ops_as_dropped(
+def test_shutdown_with_the_disk_still_full_delivers_the_held_ops_from_memory(
+    make_client: MakeClient, server: DevServer
+) -> None:
+    # Never worse than the in-memory SDK: what the file cannot take goes from memory.
+    errors: list[WhisperrError] = []
+    client = make_client(on_error=errors.append)
+    for i in range(4):
+        client.track("u1", "still_full", {"i": i})
+    cap_writer_pages(client)
+    i = track_until_store_error(client, errors, 4)
+    client.track("u1", "still_full", {"i": i})
+    assert held(client) == 2
+
+    result = client.shutdown(timeout=5)
+
+    assert (result.pending, result.lost) == (0, 0)
+    assert numbers(server.events) == list(range(i + 1))  # in order: file first, then memory
+    assert server.duplicates == 0
+    assert [e.type for e in errors] == ["store_error"]
+
+
+def test_shutdown_with_the_disk_full_and_the_server_down_reports_the_held_ops_as_dropped(
     make_client: MakeClient, server: DevServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     errors: list[WhisperrError] = []
@@ -292,42 +294,46 @@ def test_shutdown_with_the_disk_still_full_reports_the_held_ops_as_dropped(
     client.track("u1", "still_full", {"i": i})
     lost = held(client)
     assert lost == 2
+    server.answer = 503
 
     started = time.monotonic()
     result = client.shutdown(timeout=2)
     assert time.monotonic() - started < 2.5
     assert not result.ok
+    assert result.lost == lost
+    # The single pass of shutdown stopped at the first failed request, as the official SDK's.
     assert [e.type for e in errors] == ["store_error", "dropped"]
     assert str(lost) in errors[-1].message
-    logged = [r for r in caplog.records if "could not be stored are lost" in r.getMessage()]
+    logged = [r for r in caplog.records if "could not be stored or delivered" in r.getMessage()]
     assert len(logged) == 1 and logged[0].levelno == logging.WARNING
     # Tracked after shutdown: still stored for the next client (the limit died with the
     # connection), never raised.
     client.track("u1", "after_shutdown", {"i": 100})
 
-    # The final flush delivered what had been stored before the disk filled; the op
-    # tracked after shutdown waits in the file for the next process.
-    assert result.reason == "store" and result.pending == lost
-    assert numbers(server.events) == list(range(stored))
+    # What was stored before the disk filled waits in the file, with the op tracked after
+    # shutdown, for the next process.
+    server.answer = None
     survivor = make_client()
-    assert survivor.stats().pending == 1
+    assert survivor.stats().pending == stored + 1
     wait_ok(survivor.flush(timeout=10))
     assert numbers(server.events) == [*range(stored), 100]
 
 
-def test_flush_while_the_disk_is_full_counts_every_undelivered_op(
-    make_client: MakeClient,
+def test_flush_while_the_disk_is_full_and_the_server_down_counts_every_undelivered_op(
+    make_client: MakeClient, server: DevServer
 ) -> None:
     errors: list[WhisperrError] = []
-    client = make_client(on_error=errors.append)
+    client = make_client(on_error=errors.append, max_retries=0)
     for i in range(5):
         client.track("u1", "full_flush", {"i": i})
     cap_writer_pages(client)
     track_until_store_error(client, errors, 5)
+    server.answer = 503
     result = client.flush(timeout=2)
-    assert not result.ok
+    assert result.reason == "retry_exhausted"
     # Every op enqueued before the flush and not delivered: held in memory or in the file.
-    assert result.pending == held(client) + client.stats().pending
+    stats = client.stats()
+    assert result.pending == stats.held + stats.pending > 5
 
 
 @pytest.fixture
@@ -397,12 +403,11 @@ def test_a_real_full_filesystem(small_fs: Path, server: DevServer) -> None:
         assert "full" in errors[0].message
         assert client.stats().pending == stored
         assert held(client) == i - stored
-        assert not client.flush(timeout=1).ok  # no room to store the held ops yet
 
         filler.unlink()  # space returns
         client.track("u1", "tmpfs_full", {"i": i})
         i += 1
-        assert held(client) == 0
+        assert wait_until(lambda: held(client) == 0)  # the sender's retry stored them
         assert client.stats().pending == i
         wait_ok(client.flush(timeout=10))
         assert numbers(server.events) == list(range(i))
@@ -427,9 +432,12 @@ def test_a_real_full_filesystem_at_shutdown(small_fs: Path, server: DevServer) -
         i = track_until_store_error(client, errors, 3)
         stored = i - 1
         client.track("u1", "tmpfs_shutdown", {"i": i})
-        assert not client.shutdown(timeout=2).ok
-        assert [e.type for e in errors] == ["store_error", "dropped"]
-        assert "2 op(s)" in errors[-1].message
+        result = client.shutdown(timeout=2)
+        # A full filesystem takes no write at all, not even the sender's lease on the stored
+        # ops: those wait in the file. The held ones went from memory: none is lost.
+        assert (result.pending, result.lost, result.reason) == (stored, 0, "store")
+        assert [e.type for e in errors] == ["store_error"]
+        assert numbers(server.events) == [stored, stored + 1]
     finally:
         client.shutdown(timeout=0)
     filler.unlink()
@@ -439,31 +447,11 @@ def test_a_real_full_filesystem_at_shutdown(small_fs: Path, server: DevServer) -
         wait_ok(survivor.flush(timeout=10))
     finally:
         survivor.shutdown(timeout=1)
-    assert numbers(server.events) == list(range(stored))
+    assert sorted(numbers(server.events)) == list(range(i + 1))
+    assert server.duplicates == 0
 
 
 # ---- 2. read-only files and directories ----
-
-
-def as_unprivileged(fn: Callable[[], int]) -> Callable[[], int]:
-    """``fn`` run as ``nobody`` when we are root (root ignores permission bits)."""
-    if os.geteuid() != 0:
-        return fn
-    import pwd
-
-    try:
-        nobody = pwd.getpwnam("nobody")
-        uid, gid = nobody.pw_uid, nobody.pw_gid
-    except KeyError:
-        uid = gid = 65534
-
-    def drop_and_run() -> int:
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-        return fn()
-
-    return drop_and_run
 
 
 CANNOT_SET_UP = 64
@@ -490,26 +478,15 @@ def track_into_unwritable(path: str, url: str) -> int:
         return 1
     if [e.type for e in errors] != ["store_error"]:  # once for the episode
         code |= 2
-    result = client.shutdown(timeout=1)
-    if result.ok or result.reason != "store":
+    elif not all(word in errors[0].message for word in (path, "nobody", "root", "mode")):
+        code |= 4  # the path, who we are, who owns what we cannot write, and its mode
+    result = client.shutdown(timeout=5)
+    # Delivered from memory: the file is unusable, the network is fine.
+    if (result.pending, result.lost, result.reason) != (0, 0, "store"):
         code |= 8
-    if [e.type for e in errors] != ["store_error", "dropped"]:
+    if [e.type for e in errors] != ["store_error"]:
         code |= 16
-    elif "3 op(s)" not in errors[-1].message:
-        code |= 32
     return code
-
-
-@pytest.fixture
-def world_readable_dir() -> Iterator[Path]:
-    """A directory outside pytest's private tree (0700), which ``nobody`` can enter."""
-    directory = Path(tempfile.mkdtemp(prefix="whisperr-faults-"))
-    os.chmod(directory, 0o755)
-    try:
-        yield directory
-    finally:
-        os.chmod(directory, 0o755)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_a_read_only_outbox_file(
@@ -537,7 +514,9 @@ def test_a_read_only_outbox_file(
     assert code == 0, f"failure flags {code:#b}"
     os.chmod(world_readable_dir, 0o755)
     assert Path(path).read_bytes() == before
-    assert numbers(server.events) == [0]  # the child sent nothing
+    # The owner's op, then the child's three, which the child delivered from memory.
+    assert numbers(server.events) == [0, 1, 2]
+    assert [i["traits"] for i in server.identifies] == [{"i": 3}]
 
 
 def test_a_read_only_directory_for_a_new_outbox(
@@ -557,7 +536,8 @@ def test_a_read_only_directory_for_a_new_outbox(
         pytest.skip("could not make the directory read-only for this process")
     assert code == 0, f"failure flags {code:#b}"
     assert sorted(os.listdir(world_readable_dir)) == []
-    assert server.requests == []
+    assert numbers(server.events) == [1, 2]  # delivered from memory
+    assert [i["traits"] for i in server.identifies] == [{"i": 3}]
 
 
 # ---- 3. corrupt files ----
@@ -784,9 +764,10 @@ def test_a_wal_cut_mid_frame_keeps_every_complete_commit(
     track_then_sigkill(db_path, server.url, count)
     wal = Path(db_path + "-wal")
     frame, commits = wal_layout(wal)
-    # One commit to create the schema, one to create the key's queue table, then one per
-    # track; the last frame ends a commit.
-    assert commits[-1] and sum(commits) == count + 2
+    # The schema was checkpointed into the main file when the file was created (a power cut
+    # must not take it), so the WAL started again: one commit per track, the last frame
+    # ending one.
+    assert commits[-1] and sum(commits) == count
     with open(wal, "r+b") as handle:
         handle.truncate(wal.stat().st_size - frame // 2)  # cut inside the last frame
 
@@ -901,15 +882,18 @@ def test_a_newer_schema_version_is_reported_and_left_untouched(
     client.track("u1", "from_an_older_sdk", {"i": 1})
     assert [e.type for e in errors] == ["store_error"]
     assert f"schema version {SCHEMA_VERSION + 1}" in errors[0].message
-    assert client.flush(timeout=1).reason == "store"
-    assert not client.shutdown(timeout=1).ok
-    assert [e.type for e in errors] == ["store_error", "dropped"]
+    # Delivered from memory, since the file cannot take them; the flush says the file was
+    # not usable.
+    result = client.flush(timeout=5)
+    assert (result.pending, result.reason) == (0, "store")
+    assert numbers(server.events) == [0, 1]
+    client.shutdown(timeout=1)
+    assert [e.type for e in errors] == ["store_error"]
 
     assert Path(db_path).read_bytes() == before
     assert os.stat(db_path).st_mtime_ns == mtime
     assert raw(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]
     assert moved_aside(db_path) == []
-    assert server.requests == []
 
 
 # ---- 6. wall-clock jumps ----
@@ -1062,7 +1046,7 @@ def test_no_secret_reaches_on_error_or_the_logs(
     server.push_script(401)
     assert client.flush(timeout=5).reason == "auth"
     server.push_script(400)  # the track is dead-lettered, the identify delivered
-    wait_ok(client.flush(timeout=5))
+    assert client.flush(timeout=5).refused == 1
     # A store error while another connection holds the write lock, then an eviction.
     blocker = sqlite3.connect(db_path, isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
@@ -1073,7 +1057,8 @@ def test_no_secret_reaches_on_error_or_the_logs(
         blocker.close()
     for i in range(2, 6):
         client.track("u1", "evicting", {**secret_props, "i": i})
-    wait_ok(client.flush(timeout=5))
+    assert client.flush(timeout=5).pending == 0
+    assert client.stats().evicted == 2  # by max_queue_size=3
 
     types = {e.type for e in errors}
     assert {"dropped", "retry_exhausted", "auth", "store_error"} <= types
@@ -1160,7 +1145,7 @@ def test_kills_during_eviction_keep_the_queue_bounded_and_its_count_exact(
     script = textwrap.dedent(
         f"""
         from whisperr_durable import DurableWhisperr
-        client = DurableWhisperr({API_KEY!r}, path={db_path!r}, base_url={server.url!r},
+        client = DurableWhisperr({API_KEY!r}, path={db_path!r}, base_url={closed_port_url()!r},
                                  flush_at=10**6, flush_interval=3600.0, max_queue_size=50)
         i = 0
         while True:
@@ -1186,20 +1171,29 @@ def test_kills_during_eviction_keep_the_queue_bounded_and_its_count_exact(
         # committed (a kill inside a track() undoes the whole append, eviction and all).
         ((newest,),) = raw(db_path, f"SELECT body FROM {queue_table()} ORDER BY id DESC LIMIT 1")
         appended += json.loads(newest)["properties"]["i"] + 1
-        ((count, first, last),) = raw(
-            db_path, f"SELECT count(*), min(id), max(id) FROM {queue_table()}"
+        ((count, leased),) = raw(
+            db_path,
+            f"SELECT count(*), count(lease_owner) FROM {queue_table()}",
+        )
+        ((first, last),) = raw(
+            db_path, f"SELECT min(id), max(id) FROM {queue_table()} WHERE lease_owner IS NULL"
         )
         ((evicted,),) = raw(
             db_path, "SELECT n FROM counters WHERE key_fp = ? AND name = 'evicted'", (fp,)
         )
-        assert count <= 50  # bounded
-        assert last - first + 1 == count  # the newest ops, no holes
+        # Bounded: a child's sender (started for the ops the one before left) may hold a
+        # batch under lease, which eviction leaves alone; beside it, the newest 50 at most.
+        assert count - leased <= 50
+        assert last - first + 1 == count - leased  # the newest ops, no holes
         assert evicted + count == appended  # every committed append is queued or counted
+    queued = [
+        json.loads(body)["properties"]["i"]
+        for (body,) in raw(db_path, f"SELECT body FROM {queue_table()} ORDER BY id")
+    ]
     client = DurableWhisperr(API_KEY, path=db_path, base_url=server.url, max_queue_size=50)
     try:
         wait_ok(client.flush(timeout=10))
-        got = numbers(server.events)
-        assert len(got) == count and got == sorted(got)  # the newest, in order
+        assert numbers(server.events) == queued  # all of them, in queue order
     finally:
         client.shutdown(timeout=1)
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections import Counter
 from multiprocessing.util import Finalize
 from pathlib import Path
@@ -75,6 +76,8 @@ def make_client_in_child(**kwargs):
     global client
     if client is None:
         client = make_client()
+    with open(HERE / "children.txt", "a") as out:
+        out.write(f"{os.getpid()}\\n")
 
 
 if CONFIG["flush_hook"]:
@@ -161,6 +164,14 @@ class CeleryWorker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        # Both pool children are ready (their clients made) before any task runs: a client
+        # made later would find the others' ops in the file and deliver them at once.
+        children = self.dir / "children.txt"
+        deadline = time.monotonic() + 30
+        while not (children.exists() and len(children.read_text().split()) >= 2):
+            assert time.monotonic() < deadline, self.log()
+            assert self.proc.poll() is None, self.log()
+            time.sleep(0.05)
 
     def run_tasks(self, n: int) -> list[int]:
         """Send ``n`` tasks and wait for their results: the pids that ran them."""

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from conftest import run_forked
+from conftest import (
+    raw,
+    run_forked,
+)
 
 from whisperr_durable._outbox import (
     _SCHEMA_V1,
@@ -85,12 +88,6 @@ def claim(
 
 def ids(c: Claim) -> list[int]:
     return [row.id for row in c.rows]
-
-
-def raw(path: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    """Read the file through a separate connection, as another process would."""
-    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        return conn.execute(sql, params).fetchall()
 
 
 def raw_ops(path: str, key_fp: str = KEY) -> dict[int, tuple[int, Optional[str], int]]:
@@ -166,15 +163,20 @@ def test_nested_missing_directories_leaf_is_0700(tmp_path: Path) -> None:
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
 
 
-def test_existing_file_keeps_its_mode(db_path: str) -> None:
-    Path(db_path).touch(mode=0o644)
-    os.chmod(db_path, 0o640)
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o666, 0o604])
+def test_an_existing_file_of_ours_that_is_too_open_is_made_private(
+    db_path: str, mode: int
+) -> None:
+    # Another local user could read the queued emails, or add rows we would deliver.
+    Path(db_path).touch()
+    os.chmod(db_path, mode)
     ob = Outbox(db_path, KEY)
     try:
         ob.open()
+        ob.append(TRACK, body(0), NOW, BIG_QUEUE)
     finally:
         ob.close()
-    assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
 
 
 def test_wal_mode_and_schema_version_seen_by_another_connection(outbox: Outbox) -> None:
@@ -217,7 +219,7 @@ def test_a_file_that_is_not_a_database_is_moved_aside(db_path: str) -> None:
     garbage = b"this is not a sqlite file at all, just some text" * 100
     Path(db_path).write_bytes(garbage)
     reports: list[str] = []
-    ob = Outbox(db_path, KEY, store_timeout=0.05, report=reports.append)
+    ob = Outbox(db_path, KEY, store_timeout=0.05, report=lambda _, text: reports.append(text))
     try:
         ob.append(TRACK, body(1), NOW, BIG_QUEUE)
         assert ob.stats().pending == 1
@@ -239,8 +241,10 @@ def test_corruption_found_in_use_moves_the_file_aside(db_path: str) -> None:
     with open(db_path, "r+b") as handle:
         handle.seek(4096)
         handle.write(b"garbage!" * 4096)
-    reports: list[str] = []
-    ob = Outbox(db_path, KEY, store_timeout=0.05, report=reports.append)
+    reports: list[tuple[str, str]] = []
+    ob = Outbox(
+        db_path, KEY, store_timeout=0.05, report=lambda kind, text: reports.append((kind, text))
+    )
     try:
         with pytest.raises(StoreError, match="malformed"):
             ob.stats()
@@ -248,8 +252,11 @@ def test_corruption_found_in_use_moves_the_file_aside(db_path: str) -> None:
         assert ob.stats().pending == 1
     finally:
         ob.close()
-    assert len(reports) == 1
-    assert len(list(Path(db_path).parent.glob("outbox.db.corrupt-*"))) == 1
+    (aside,) = Path(db_path).parent.glob("outbox.db.corrupt-*")
+    # What the file held is counted as lost (here: unreadable, so an unknown number), and
+    # the move is reported.
+    assert [kind for kind, _ in reports] == ["store_error", "dropped"]
+    assert str(aside) in reports[0][1] and "unknown number" in reports[1][1]
 
 
 def test_reopening_keeps_rows(db_path: str) -> None:
@@ -264,7 +271,7 @@ def test_reopening_keeps_rows(db_path: str) -> None:
         assert (stats.pending_tracks, stats.pending_identifies) == (3, 1)
         c = claim(again)
         assert ids(c) == first
-        assert [row.body for row in c.rows] == [body(n) for n in range(3)]
+        assert [row.body for row in c.rows] == [body(n).encode() for n in range(3)]
         assert [row.created_ms for row in c.rows] == [NOW, NOW + 1, NOW + 2]
         assert again.last_id() == first[-1] + 1
     finally:
@@ -297,7 +304,7 @@ def test_ids_restart_only_in_an_empty_queue_and_new_ids_follow_every_queued_id(
     # An empty queue starts again at 1, after an ack ...
     assert put(outbox, 4) == 1
     assert held(outbox) == [1]
-    assert outbox.dead_letter(1, 1, "owner-a", 400, "bad", NOW) == 1
+    assert outbox.dead_letter(1, 1, "owner-a", 400, "bad", NOW) == (1, 0)
     # ... and after a dead letter.
     assert put(outbox, 5) == 1
     assert put(outbox, 6) == 2
@@ -342,7 +349,7 @@ def test_a_stale_ack_or_dead_letter_never_touches_new_rows_with_the_same_ids(
     if stale_call == "ack":
         assert outbox.ack(old[0], old[-1], "owner-a") == 0
     else:
-        assert outbox.dead_letter(old[0], old[-1], "owner-a", 400, "bad", NOW) == 0
+        assert outbox.dead_letter(old[0], old[-1], "owner-a", 400, "bad", NOW) == (0, 0)
     assert raw_ops(outbox.path) == before
     assert [r[1] for r in raw_bodies(outbox.path)] == [body(10 + n) for n in range(4)]
     assert outbox.dead_letters() == []
@@ -358,7 +365,7 @@ def test_ack_and_dead_letter_touch_only_rows_the_owner_holds(outbox: Outbox, cal
     def run(owner: str) -> int:
         if call == "ack":
             return outbox.ack(all_ids[0], all_ids[-1], owner)
-        return outbox.dead_letter(all_ids[0], all_ids[-1], owner, 400, "bad", NOW)
+        return outbox.dead_letter(all_ids[0], all_ids[-1], owner, 400, "bad", NOW)[0]
 
     # Another owner's call, over held and unclaimed rows alike, changes nothing.
     assert run("owner-b") == 0
@@ -378,7 +385,7 @@ def test_ack_and_dead_letter_touch_only_rows_the_owner_holds(outbox: Outbox, cal
 def test_dead_letter_by_an_empty_owner_moves_no_unclaimed_rows(outbox: Outbox) -> None:
     all_ids = [put(outbox, n) for n in range(3)]
     assert outbox.ack(all_ids[0], all_ids[-1], "") == 0  # ack already gets this right
-    assert outbox.dead_letter(all_ids[0], all_ids[-1], "", 400, "bad", NOW) == 0
+    assert outbox.dead_letter(all_ids[0], all_ids[-1], "", 400, "bad", NOW) == (0, 0)
     assert sorted(raw_ops(outbox.path)) == all_ids
 
 
@@ -387,7 +394,7 @@ def test_a_released_row_is_no_longer_the_owners_to_ack(outbox: Outbox) -> None:
     assert held(outbox) == all_ids
     outbox.release(all_ids[0], all_ids[-1], "owner-a", failed=False)
     assert outbox.ack(all_ids[0], all_ids[-1], "owner-a") == 0
-    assert outbox.dead_letter(all_ids[0], all_ids[-1], "owner-a", 400, "bad", NOW) == 0
+    assert outbox.dead_letter(all_ids[0], all_ids[-1], "owner-a", 400, "bad", NOW) == (0, 0)
     assert sorted(raw_ops(outbox.path)) == all_ids
     assert outbox.dead_letters() == []
 
@@ -442,7 +449,7 @@ def test_queue_size_stays_exact_after_acks_dead_letters_and_expiry(outbox: Outbo
     assert held(outbox, max_rows=1) == [first]
     assert outbox.ack(first, first, "owner-a") == 1
     assert held(outbox, max_rows=1) == [second]
-    assert outbox.dead_letter(second, second, "owner-a", 400, "bad", NOW) == 1
+    assert outbox.dead_letter(second, second, "owner-a", 400, "bad", NOW) == (1, 0)
     c = claim(outbox, now_ms=NOW + MAX_AGE_MS + 1, max_rows=1)  # third is past the window
     assert c.expired == 1
     assert c.rows == []
@@ -497,7 +504,7 @@ def test_two_keys_on_one_file_see_only_their_own_rows(db_path: str) -> None:
         assert (a1, a2) == (1, 2)
         assert (b1, b2) == (1, 2)
         assert held(b, "owner-b") == [b1]  # the identify, alone
-        assert b.dead_letter(b1, b1, "owner-b", 400, "bad", NOW) == 1
+        assert b.dead_letter(b1, b1, "owner-b", 400, "bad", NOW) == (1, 0)
 
         assert ids(claim(a, "owner-a")) == [a1, a2]
         assert ids(claim(b, "owner-b")) == [b2]
@@ -522,7 +529,7 @@ def test_two_keys_on_one_file_see_only_their_own_rows(db_path: str) -> None:
         assert b.ack(a1, a2, "owner-a") == 0
         b.release(a1, a2, "owner-a", failed=True)
         assert b.renew(a1, a2, "owner-a", NOW + 99_999) == 0
-        assert b.dead_letter(a1, a2, "owner-a", 400, "bad", NOW) == 0
+        assert b.dead_letter(a1, a2, "owner-a", 400, "bad", NOW) == (0, 0)
         assert raw_ops(db_path, KEY) == a_before
         assert a_before == {a1: (0, "owner-a", NOW + LEASE_MS), a2: (0, "owner-a", NOW + LEASE_MS)}
         assert raw_ops(db_path, OTHER_KEY) == b_before
@@ -598,7 +605,7 @@ def test_max_bytes_limits_the_batch(outbox: Outbox) -> None:
         outbox.append(TRACK, b, NOW, BIG_QUEUE)
     c = claim(outbox, max_bytes=350)
     assert len(c.rows) == 3
-    assert len(",".join(row.body for row in c.rows)) <= 350
+    assert len(b",".join(row.body for row in c.rows)) <= 350
     assert 4 * size > 350
 
 
@@ -744,10 +751,10 @@ def test_dead_letter_moves_rows_with_status_reason_and_attempts(outbox: Outbox) 
     outbox.release(t1, t2, "owner-a", failed=True)  # one failed attempt already
     assert held(outbox, "owner-a") == [t1, t2]
     # The range reaches the identify, which owner-a does not hold: only the tracks go.
-    assert outbox.dead_letter(t1, i3, "owner-a", 422, "invalid event", NOW + 7) == 2
+    assert outbox.dead_letter(t1, i3, "owner-a", 422, "invalid event", NOW + 7) == (2, 0)
     assert sorted(raw_ops(outbox.path)) == [i3, keep]
     assert held(outbox, "owner-a") == [i3]
-    assert outbox.dead_letter(i3, i3, "owner-a", 422, "invalid event", NOW + 7) == 1
+    assert outbox.dead_letter(i3, i3, "owner-a", 422, "invalid event", NOW + 7) == (1, 0)
     assert sorted(raw_ops(outbox.path)) == [keep]
     dead = outbox.dead_letters()
     assert [(d.op_id, d.kind, d.body, d.created_ms) for d in dead] == [
@@ -767,12 +774,15 @@ def test_dead_letters_are_bounded_oldest_removed(db_path: str) -> None:
     try:
         all_ids = [put(ob, n) for n in range(6)]
         assert held(ob) == all_ids
-        assert ob.dead_letter(all_ids[0], all_ids[4], "owner-a", 500, "refused", NOW) == 5
+        assert ob.dead_letter(all_ids[0], all_ids[4], "owner-a", 500, "refused", NOW) == (5, 2)
         assert [d.op_id for d in ob.dead_letters()] == all_ids[2:5]
         assert ob.stats().dead_letters == 3
-        assert ob.dead_letter(all_ids[5], all_ids[5], "owner-a", None, "refused", NOW) == 1
+        assert ob.dead_letter(all_ids[5], all_ids[5], "owner-a", None, "refused", NOW) == (1, 1)
         assert [d.op_id for d in ob.dead_letters()] == all_ids[3:6]
         assert raw(db_path, "SELECT count(*) FROM dead_letters") == [(3,)]
+        # Never silent: what the bound removed is counted, as is what was refused.
+        stats = ob.stats()
+        assert (stats.refused, stats.dead_letters_pruned) == (6, 3)
     finally:
         ob.close()
 
@@ -783,10 +793,10 @@ def test_dead_letter_bound_of_one_key_never_removes_another_keys(db_path: str) -
     try:
         a_ids = [put(a, n) for n in range(2)]
         assert held(a) == a_ids
-        assert a.dead_letter(a_ids[0], a_ids[-1], "owner-a", 400, "bad", NOW) == 2
+        assert a.dead_letter(a_ids[0], a_ids[-1], "owner-a", 400, "bad", NOW) == (2, 0)
         b_ids = [put(b, n) for n in range(3)]
         assert held(b) == b_ids
-        assert b.dead_letter(b_ids[0], b_ids[-1], "owner-a", 400, "bad", NOW) == 3
+        assert b.dead_letter(b_ids[0], b_ids[-1], "owner-a", 400, "bad", NOW) == (3, 0)
         assert [d.op_id for d in b.dead_letters()] == b_ids
         assert [d.op_id for d in a.dead_letters()] == a_ids
     finally:
@@ -885,7 +895,8 @@ def test_a_v2_file_is_migrated_to_a_table_per_key_with_ids_renumbered(db_path: s
         assert other.schema_version() == 3
         assert [d.op_id for d in other.dead_letters()] == [99]
         c = claim(other, "owner-b")
-        assert [(r.id, r.kind, r.body, r.attempts) for r in c.rows] == [(1, IDENTIFY, body(2), 2)]
+        rows = [(r.id, r.kind, r.body, r.attempts) for r in c.rows]
+        assert rows == [(1, IDENTIFY, body(2).encode(), 2)]
         assert other.last_id() == 3
     finally:
         other.close()
@@ -907,7 +918,7 @@ def test_last_id_and_pending_through(outbox: Outbox) -> None:
     assert held(outbox) == [*all_ids, later]
     assert outbox.ack(all_ids[0], all_ids[0], "owner-a") == 1
     assert outbox.pending_through(barrier) == 1
-    assert outbox.dead_letter(all_ids[1], all_ids[1], "owner-a", 400, "bad", NOW) == 1
+    assert outbox.dead_letter(all_ids[1], all_ids[1], "owner-a", 400, "bad", NOW) == (1, 0)
     assert outbox.pending_through(barrier) == 0
     assert outbox.pending_through(barrier, exact=False) == 0
     assert outbox.ack(later, later, "owner-a") == 1
@@ -933,7 +944,7 @@ def test_stats(outbox: Outbox) -> None:
     assert (s.pending_tracks, s.pending_identifies, s.pending) == (2, 2, 4)
     assert s.oldest_created_ms == NOW - 50
     assert held(outbox) == [i]
-    assert outbox.dead_letter(i, i, "owner-a", 400, "bad", NOW) == 1
+    assert outbox.dead_letter(i, i, "owner-a", 400, "bad", NOW) == (1, 0)
     s = outbox.stats()
     assert (s.pending_tracks, s.pending_identifies, s.dead_letters) == (2, 1, 1)
 
@@ -942,7 +953,7 @@ def test_dead_letters_oldest_first_with_limit(outbox: Outbox) -> None:
     all_ids = [put(outbox, n) for n in range(5)]
     assert held(outbox) == all_ids
     for op_id in reversed(all_ids):  # dead-lettered newest op first
-        assert outbox.dead_letter(op_id, op_id, "owner-a", 400, f"bad {op_id}", NOW) == 1
+        assert outbox.dead_letter(op_id, op_id, "owner-a", 400, f"bad {op_id}", NOW) == (1, 0)
     dead = outbox.dead_letters()
     assert [d.op_id for d in dead] == list(reversed(all_ids))
     assert [d.id for d in dead] == sorted(d.id for d in dead)
@@ -1122,7 +1133,7 @@ def test_forked_child_opens_its_own_connection(outbox: Outbox) -> None:
     assert outbox._connection() is not parent_conn
     after = put(outbox, 3)
     c = claim(outbox)
-    assert [row.body for row in c.rows] == [body(1), body(2), body(3)]
+    assert [row.body for row in c.rows] == [body(n).encode() for n in (1, 2, 3)]
     assert ids(c)[0] == before
     assert ids(c)[-1] == after
 

@@ -8,7 +8,16 @@ from email.utils import format_datetime
 import pytest
 
 from whisperr_durable._options import BACKOFF_CAP, BACKOFF_JITTER, RETRY_AFTER_CAP
-from whisperr_durable._retry import AUTH, DROP, OK, RETRY, backoff, classify, parse_retry_after
+from whisperr_durable._retry import (
+    AUTH,
+    CONFIG,
+    DROP,
+    OK,
+    RETRY,
+    backoff,
+    classify,
+    parse_retry_after,
+)
 
 # ---- classify ----
 
@@ -28,9 +37,12 @@ def test_429_and_5xx_are_retried(status: int) -> None:
     assert classify(status) == RETRY
 
 
-@pytest.mark.parametrize(
-    "status", [400, 402, 404, 405, 408, 409, 410, 413, 415, 422, 428, 451, 499]
-)
+@pytest.mark.parametrize("status", [404, 405])
+def test_404_and_405_say_the_url_is_wrong_not_the_events(status: int) -> None:
+    assert classify(status) == CONFIG
+
+
+@pytest.mark.parametrize("status", [400, 402, 408, 409, 410, 413, 415, 422, 428, 451, 499])
 def test_other_4xx_are_dropped(status: int) -> None:
     assert classify(status) == DROP
 
@@ -42,8 +54,8 @@ def test_statuses_the_api_never_gives_are_retried_not_dropped(status: int) -> No
 
 
 def test_classes_are_distinct_strings() -> None:
-    assert len({OK, RETRY, AUTH, DROP}) == 4
-    assert (OK, RETRY, AUTH, DROP) == ("ok", "retry", "auth", "drop")
+    assert len({OK, RETRY, AUTH, CONFIG, DROP}) == 5
+    assert (OK, RETRY, AUTH, CONFIG, DROP) == ("ok", "retry", "auth", "config", "drop")
 
 
 # ---- backoff ----

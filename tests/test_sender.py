@@ -150,7 +150,9 @@ def test_413_splits_in_halves_until_the_bad_events_are_alone(
     for i in range(4):
         client.track("u1", "big_event", {"i": i})
 
-    assert client.flush(timeout=5).ok
+    result = client.flush(timeout=5)
+    assert (result.pending, result.reason, result.refused) == (0, None, 2)
+    assert not result  # refused ops are not a success
 
     # [0,1,2,3] -> [0,1] -> [0] ok, [1] bad; [2,3] -> [2] bad, [3] ok: in id order.
     assert [ids(b) for b in rec.batches()] == [[0, 1, 2, 3], [0, 1], [0], [1], [2, 3], [2], [3]]
@@ -177,7 +179,8 @@ def test_a_single_bad_event_in_a_large_batch_costs_only_itself(
     for i in range(100):
         client.track("u1", "an_event", {"i": i})
 
-    assert client.flush(timeout=5).ok
+    result = client.flush(timeout=5)
+    assert (result.pending, result.reason, result.refused) == (0, None, 1)
 
     # Every good event delivered exactly once, in order.
     assert rec.delivered() == [i for i in range(100) if i != 37]
@@ -247,23 +250,30 @@ def test_network_errors_exhaust_retries_and_keep_the_ops(
     assert first == last  # byte-for-byte the same op, same $message_id
 
 
-def test_404_dead_letters_the_whole_batch_without_splitting(
-    make_client: Callable[..., DurableWhisperr],
+@pytest.mark.parametrize("status", [404, 405])
+def test_404_or_405_for_a_batch_keeps_every_op_and_pauses_as_a_wrong_url(
+    make_client: Callable[..., DurableWhisperr], status: int
 ) -> None:
-    rec = Recorder(lambda request: httpx.Response(404, json={"error": "not found"}))
+    # A wrong base_url, or a gateway answering 404 during a deploy: not the events' fault.
+    answers = [status]
+    rec = Recorder(lambda request: httpx.Response(answers[-1], json={"error": "no route"}))
     errors: list[WhisperrError] = []
     client = make_client(rec, on_error=errors.append)
     for i in range(4):
         client.track("u1", "an_event", {"i": i})
 
-    assert client.flush(timeout=5).ok
+    result = client.flush(timeout=5)
 
-    assert [ids(b) for b in rec.batches()] == [[0, 1, 2, 3]]
-    dead = client.dead_letters()
-    assert [json.loads(d.body)["properties"]["i"] for d in dead] == [0, 1, 2, 3]
-    assert {d.status for d in dead} == {404}
-    assert [(e.type, e.status) for e in errors] == [("dropped", 404)]
-    assert client.stats().pending == 0
+    assert (result.pending, result.reason, result.refused) == (4, "config", 0)
+    assert [ids(b) for b in rec.batches()] == [[0, 1, 2, 3]]  # one request, then a pause
+    assert client.dead_letters() == []
+    assert [(e.type, e.status) for e in errors] == [("config", status)]
+    assert "base_url" in errors[0].message
+    # Once the route answers again, the same ops go, with the same ids.
+    answers.append(202)
+    assert client.flush(timeout=5).ok
+    assert rec.delivered() == [0, 1, 2, 3]
+    assert rec.requests[0][1] == rec.requests[-1][1]
 
 
 def test_on_error_carries_the_status_of_auth_and_exhausted_retries(

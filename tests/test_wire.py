@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import types
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
+from enum import IntEnum
+from time import perf_counter
 from typing import Any, Optional
 
 import pytest
 from conftest import API_KEY
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from whisperr_durable import _wire
 from whisperr_durable._options import MAX_OP_BYTES
@@ -122,7 +128,7 @@ def test_batch_body_joins_stored_rows_exactly_as_json_dumps_writes_the_batch() -
         encode_track(ENV, f"user_{i}", "feature_used", {"i": i}, None, f"{i:032x}", T0_MS + i)
         for i in range(3)
     ]
-    body = batch_body(rows)
+    body = batch_body([r.encode("ascii") for r in rows])  # rows as the outbox returns them
     assert isinstance(body, bytes)
     assert body == json.dumps({"events": [json.loads(r) for r in rows]}).encode("utf-8")
     assert body.startswith(b'{"events": [{"external_user_id": "user_0"')
@@ -131,8 +137,8 @@ def test_batch_body_joins_stored_rows_exactly_as_json_dumps_writes_the_batch() -
 
 def test_batch_body_of_one_row() -> None:
     row = track()
-    assert batch_body([row]) == ('{"events": [' + row + "]}").encode()
-    assert batch_body([row]) == json.dumps({"events": [json.loads(row)]}).encode()
+    assert batch_body([row.encode()]) == ('{"events": [' + row + "]}").encode()
+    assert batch_body([row.encode()]) == json.dumps({"events": [json.loads(row)]}).encode()
 
 
 # ---- timestamps ----
@@ -595,7 +601,7 @@ def test_byte_compatible_with_the_official_sdk(server: DevServer) -> None:
         )
         ours.append(encode_track(env, user, name, props, ctx, mid, now_ms + i))
     assert official.send_batch(official_ops) == "ok"
-    assert sent() == [("/v1/events/batch", batch_body(ours))]
+    assert sent() == [("/v1/events/batch", batch_body([o.encode() for o in ours]))]
     assert len(server.events) == 3  # and the server took all three
 
     identifies: list[dict[str, Any]] = [
@@ -640,3 +646,450 @@ def test_byte_compatible_with_the_official_sdk(server: DevServer) -> None:
             case["user"], case["traits"], case["preferred_channel"], our_channels
         )
         assert sent() == [("/v1/identify", ours_body.encode("ascii"))]
+
+
+# ---- values that would take too long to write ----
+
+# Generous: the work is microseconds; today's int(Decimal("1E+300000")) takes seconds.
+FAST = 0.5
+
+
+def timed(call: Any) -> float:
+    start = perf_counter()
+    call()
+    return perf_counter() - start
+
+
+@contextmanager
+def int_digit_limit(limit: int) -> Iterator[None]:
+    """Python's int <-> text digit limit set to ``limit`` (0: none, as before 3.11)."""
+    if not hasattr(sys, "set_int_max_str_digits"):
+        if limit == 0:
+            yield  # this interpreter has no limit at all
+            return
+        pytest.skip("no int digit limit on this interpreter")
+    before = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(limit)
+    try:
+        yield
+    finally:
+        sys.set_int_max_str_digits(before)
+
+
+def rejected(call: Any) -> InvalidOp:
+    with pytest.raises(InvalidOp) as caught:
+        call()
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "value", ["1e300000", "1e999999", "-1e999999", "1e4300", "9.99e999999999", "1.5e4300"]
+)
+def test_huge_decimal_is_rejected_quickly(value: str) -> None:
+    amount = Decimal(value)
+    assert timed(lambda: rejected(lambda: track({"amount": amount}))) < FAST
+    assert timed(lambda: rejected(lambda: track({"a": [{"amount": amount}]}))) < FAST
+
+
+NINES = "9" * 4300
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("1e4299", "1" + "0" * 4299),
+        ("-" + NINES, "-" + NINES),
+        (NINES + ".000", NINES),
+        ("0E+999999", "0"),
+        ("-0E+999999", "0"),
+        ("1e-999999", "0.0"),
+        ("-1.5e-999999", "-0.0"),
+    ],
+    ids=["1e4299", "-(1e4300-1)", "1e4300-1.000", "0e999999", "-0e999999", "1e-999999", "-1.5e-99"],
+)
+def test_decimal_with_many_digits_or_a_huge_exponent_encodes_quickly(value: str, text: str) -> None:
+    encoded: list[str] = []
+    assert timed(lambda: encoded.append(track({"n": Decimal(value)}))) < FAST
+    assert '"properties": {"n": ' + text + "}" in encoded[0]
+
+
+def test_decimal_too_big_for_a_float_is_rejected() -> None:
+    # Not an integer, and over 1.8e308: the float would be inf.
+    with pytest.raises(InvalidOp):
+        track({"n": Decimal("2" + "0" * 308 + ".5")})
+    assert props_of({"n": Decimal("1" + "0" * 300 + ".5")}) == {"n": 1e300}
+
+
+@pytest.mark.parametrize("limit", [0, 4300])
+def test_huge_int_is_rejected_quickly_with_or_without_the_interpreter_limit(limit: int) -> None:
+    # Without Python's limit (3.9/3.10 before their 2022 patches, or set to 0), writing
+    # 300,000 digits takes seconds.
+    huge = 10**300_000
+    with int_digit_limit(limit):
+        for call in (
+            lambda: track({"n": huge}),
+            lambda: track({"n": -huge}),
+            lambda: track({"a": [1, (2, huge)]}),
+            lambda: track(context={"n": {"m": huge}}),
+            lambda: track({huge: 1}),
+            lambda: encode_identify("u", {"n": [huge]}, None, None),
+        ):
+            assert timed(lambda c=call: rejected(c)) < FAST
+
+
+def test_int_of_4300_digits_is_encoded() -> None:
+    biggest = 10**4300 - 1
+    with int_digit_limit(0):
+        assert props_of({"n": biggest, "m": [-biggest]}) == {"n": biggest, "m": [-biggest]}
+        with pytest.raises(InvalidOp):
+            track({"n": biggest + 1})
+
+
+# ---- push channel fields ----
+
+
+@pytest.mark.parametrize("field", ["kind", "platform", "push_env"])
+@pytest.mark.parametrize("value", [None, 1, True, ["ios"], {"os": "ios"}, b"ios"])
+def test_push_fields_that_are_not_strings_are_rejected(field: str, value: Any) -> None:
+    # The server answers 400 to the whole identify.
+    with pytest.raises(InvalidOp, match=field):
+        identify(channels=[{"type": "push", "address": "tok", field: value}])
+
+
+def test_push_fields_of_other_channels_are_not_sent_nor_checked() -> None:
+    body = identify(channels=[{"type": "email", "address": "a@b.c", "kind": 5}])
+    assert body["channels"] == [{"channel": "email", "address": "a@b.c", "opted_in": True}]
+
+
+# ---- keys json would write twice ----
+
+COLLIDING: list[dict[Any, Any]] = [
+    {1: "a", "1": "b"},
+    {True: 1, "true": 2},
+    {False: 1, "false": 2},
+    {None: 1, "null": 2},
+    {1.0: 1, "1.0": 2},
+    {"1.5": 1, 1.5: 2},
+    {-7: 1, "-7": 2},
+]
+
+
+class Level(IntEnum):
+    LOW = 1
+
+
+class Attributes(dict):  # type: ignore[type-arg]
+    """A dict subclass: json writes it from its items()."""
+
+
+@pytest.mark.parametrize("keys", COLLIDING)
+def test_keys_that_collide_as_json_strings_are_rejected(keys: dict[Any, Any]) -> None:
+    nested: list[Any] = [
+        keys,
+        {"a": keys},
+        {"a": [1, {"b": keys}]},
+        {"a": ("x", keys)},
+        {"a": types.MappingProxyType(keys)},
+        {"a": [types.MappingProxyType({"b": keys})]},
+        {"a": Attributes(keys)},
+        Attributes({"a": keys}),
+    ]
+    for properties in nested:
+        with pytest.raises(InvalidOp, match="same JSON string"):
+            track(properties)
+        with pytest.raises(InvalidOp, match="same JSON string"):
+            track(context=properties)
+        with pytest.raises(InvalidOp, match="same JSON string"):
+            encode_identify("u", properties, None, None)
+    with pytest.raises(InvalidOp, match="same JSON string"):
+        track(types.MappingProxyType(keys))
+
+
+def test_int_enum_key_colliding_with_its_number_is_rejected() -> None:
+    with pytest.raises(InvalidOp):
+        track({Level.LOW: "x", "1": "y"})
+
+
+def test_keys_that_do_not_collide_are_written_as_json_dumps_writes_them() -> None:
+    properties = {
+        7: "a",
+        2.5: "b",
+        True: "c",
+        None: "d",
+        "x": {3: [{False: 1, -4: 2}], "3.0": 4},
+        Level.LOW.name: 5,
+        "a": Attributes({7: 8}),
+        "t": ({0: 1},),
+    }
+    text = track(properties)
+    assert '"properties": ' + json.dumps(properties) + ", " in text
+    assert json.dumps(properties).startswith('{"7": "a", "2.5": "b", "true": "c", "null": "d"')
+    # The same list or dict twice is no collision.
+    shared = {1: "one"}
+    assert props_of({"a": shared, "b": [shared, shared]}) == {
+        "a": {"1": "one"},
+        "b": [{"1": "one"}, {"1": "one"}],
+    }
+
+
+# Keys of every kind json converts, and strings that some of them become.
+JSON_KEYS = st.one_of(
+    st.sampled_from(["0", "1", "-1", "true", "false", "null", "0.0", "-0.0", "1.5", "1e-07"]),
+    st.text(max_size=3),
+    st.integers(-2, 2),
+    st.booleans(),
+    st.none(),
+    st.sampled_from([0.0, -0.0, 1.5, 1e-7, 1e16]),
+)
+JSON_TREES = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=3)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.lists(inner, max_size=3).map(tuple),
+        st.dictionaries(JSON_KEYS, inner, max_size=4),
+    ),
+    max_leaves=12,
+)
+
+
+def has_duplicate_keys(text: str) -> bool:
+    found = False
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        found = found or len({key for key, _ in pairs}) < len(pairs)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=pairs_hook)
+    return found
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(JSON_KEYS, JSON_TREES, max_size=4))
+def test_rejected_exactly_when_json_dumps_writes_a_key_twice(properties: dict[Any, Any]) -> None:
+    written = json.dumps(properties)
+    if has_duplicate_keys(written):
+        with pytest.raises(InvalidOp, match="same JSON string"):
+            track(properties)
+    else:
+        assert '"properties": ' + written + ", " in track(properties)
+
+
+def test_colliding_keys_of_the_caller_context_are_rejected_not_the_sdks() -> None:
+    with pytest.raises(InvalidOp):
+        track(context={"$mode": "test", 1: "a", "1": "b"})
+    ctx = json.loads(track(context={1: "a"}))["context"]
+    assert ctx == {**ENV, "1": "a", "$message_id": MID}
+
+
+def test_unusable_keys_keep_json_s_own_message() -> None:
+    with pytest.raises(InvalidOp, match="keys must be str"):
+        track({(1, 2): "a", "x": 1})
+    with pytest.raises(InvalidOp, match="Out of range float"):
+        track({math.inf: "a", "inf": 1})
+
+
+# ---- timestamps before the year 1000 ----
+
+
+UTC = timezone.utc
+
+
+def epoch_ms_of(moment: datetime) -> int:
+    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+
+
+@pytest.mark.parametrize(
+    ("moment", "expected"),
+    [
+        (datetime(1, 1, 1, tzinfo=UTC), "0001-01-01T00:00:00.000Z"),
+        (datetime(9, 2, 3, 4, 5, 6, 7_999, tzinfo=UTC), "0009-02-03T04:05:06.007Z"),
+        (datetime(999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), "0999-12-31T23:59:59.999Z"),
+        (datetime(1000, 1, 1, tzinfo=UTC), "1000-01-01T00:00:00.000Z"),
+        (datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=UTC), "1969-12-31T23:59:59.500Z"),
+        (datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC), "9999-12-31T23:59:59.999Z"),
+    ],
+)
+def test_format_timestamp_pads_the_year(moment: datetime, expected: str) -> None:
+    assert format_timestamp(epoch_ms_of(moment)) == expected
+    assert props_of({"at": moment}) == {"at": expected}
+
+
+def test_aware_datetime_before_year_1000_in_another_zone() -> None:
+    plus_two = timezone(timedelta(hours=2))
+    moment = datetime(5, 6, 7, 1, 2, 3, 456_789, tzinfo=plus_two)
+    assert props_of({"at": moment, "list": [moment]}) == {
+        "at": "0005-06-06T23:02:03.456Z",
+        "list": ["0005-06-06T23:02:03.456Z"],
+    }
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(1, 1, 1, 0, 30, tzinfo=timezone(timedelta(hours=1))),
+        datetime(1, 1, 1, tzinfo=timezone(timedelta(microseconds=1))),
+        datetime(9999, 12, 31, 23, 30, tzinfo=timezone(timedelta(hours=-1))),
+    ],
+)
+def test_aware_datetime_outside_years_1_to_9999_in_utc_is_rejected(moment: datetime) -> None:
+    with pytest.raises(InvalidOp, match="years 1 to 9999"):
+        track({"at": moment})
+
+
+def test_naive_datetime_and_date_before_year_1000_keep_isoformat() -> None:
+    assert props_of({"at": datetime(7, 1, 2, 3, 4, 5), "day": date(42, 1, 2)}) == {
+        "at": "0007-01-02T03:04:05",
+        "day": "0042-01-02",
+    }
+
+
+# ---- exceptions from the caller's objects ----
+
+SECRET = "ada@example.com"
+
+
+class Unprintable(ValueError):
+    """An exception whose own text cannot be made."""
+
+    def __str__(self) -> str:
+        raise RuntimeError(SECRET)
+
+    def __repr__(self) -> str:
+        raise RuntimeError(SECRET)
+
+
+class NamelessMeta(type):
+    def __getattribute__(cls, name: str) -> Any:
+        if name in ("__qualname__", "__module__", "__name__"):
+            raise RuntimeError(SECRET)
+        return super().__getattribute__(name)
+
+
+class Nameless(Exception, metaclass=NamelessMeta):
+    """An exception whose type will not say its name."""
+
+
+class Profile(Mapping[str, Any]):
+    """A caller's Mapping that fails with the caller's data in the message."""
+
+    def __init__(self, error: type[Exception]) -> None:
+        self.error = error
+
+    def __getitem__(self, key: str) -> Any:
+        raise self.error(SECRET)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["email"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+class Birthday(date):
+    def isoformat(self) -> str:
+        raise ValueError(SECRET)
+
+
+class UnprintableDay(date):
+    def isoformat(self) -> str:
+        raise Unprintable()
+
+
+class BadId(uuid.UUID):
+    def __str__(self) -> str:
+        raise TypeError(SECRET)
+
+
+class BadItems(dict):  # type: ignore[type-arg]
+    def items(self) -> Any:
+        raise TypeError(SECRET)
+
+
+def raise_key_error() -> None:
+    raise KeyError(SECRET)
+
+
+def test_describe_error_names_the_type_and_the_place_never_the_text() -> None:
+    try:
+        raise_key_error()
+    except KeyError as exc:
+        line = exc.__traceback__.tb_next.tb_lineno  # type: ignore[union-attr]
+        text = _wire.describe_error(exc)
+    assert text == f"KeyError raised at test_wire.py:{line} in raise_key_error"
+    assert SECRET not in text
+
+
+def test_describe_error_never_raises() -> None:
+    assert _wire.describe_error(Unprintable()) == "test_wire.Unprintable (no traceback)"
+    assert _wire.describe_error(Nameless(SECRET)) == "exception (no traceback)"
+    try:
+        raise Unprintable()
+    except Unprintable as exc:
+        text = _wire.describe_error(exc)
+    assert text.startswith("test_wire.Unprintable raised at test_wire.py:")
+    assert text.endswith(" in test_describe_error_never_raises")
+
+
+def test_describe_error_is_public_and_documented() -> None:
+    assert callable(_wire.describe_error)
+    assert _wire.describe_error.__doc__
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        (Profile(TypeError), "Profile.__getitem__"),
+        (Profile(ValueError), "Profile.__getitem__"),
+        (Birthday(2020, 1, 2), "Birthday.isoformat"),
+        (UnprintableDay(2020, 1, 2), "UnprintableDay.isoformat"),
+        (BadId("12345678-1234-5678-1234-567812345678"), "BadId.__str__"),
+        (BadItems(a=1), "BadItems.items"),
+    ],
+)
+def test_caller_exception_text_never_reaches_the_message(value: Any, where: str) -> None:
+    for call in (
+        lambda: track({"v": value}),
+        lambda: track({"v": [{"w": value}]}),
+        lambda: track(context={"v": value}),
+        lambda: encode_identify("u", {"v": value}, None, None),
+    ):
+        message = str(rejected(call))
+        assert SECRET not in message
+        assert message.startswith("not JSON serialisable: ")
+        assert "test_wire.py:" in message
+        assert message.endswith(f" in {where}")
+
+
+def test_other_caller_exceptions_pass_through_for_the_client_to_describe() -> None:
+    with pytest.raises(KeyError) as caught:
+        track({"v": Profile(KeyError)})
+    text = _wire.describe_error(caught.value)
+    assert SECRET not in text
+    assert text.startswith("KeyError raised at test_wire.py:")
+    assert text.endswith(" in Profile.__getitem__")
+
+
+def test_json_s_own_errors_keep_their_text() -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    assert str(rejected(lambda: track({"loop": loop}))) == (
+        "not JSON serialisable: Circular reference detected"
+    )
+    assert "keys must be str, int, float, bool or None, not tuple" in str(
+        rejected(lambda: track({"v": {(1,): 1}}))
+    )
+    assert "Out of range float values are not JSON compliant" in str(
+        rejected(lambda: track({"v": [math.nan]}))
+    )
+    with int_digit_limit(640):
+        assert "Exceeds the limit (640 digits)" in str(rejected(lambda: track({"v": 10**700})))
+
+
+def test_our_own_messages_are_kept() -> None:
+    assert str(rejected(lambda: track({"v": {1, 2}}))) == (
+        "not JSON serialisable: a value of type set"
+    )
+    assert str(rejected(lambda: track({"v": [types.MappingProxyType({"d": Decimal("NaN")})]}))) == (
+        "a Decimal NaN or infinity is not a JSON number"
+    )

@@ -54,7 +54,16 @@ class QueuedOp:
     kind: str  # "track" or "identify"
     created_ms: int
     attempts: int
-    body: dict[str, Any]  # the wire JSON, as it will be sent
+    body: dict[str, Any]  # the wire JSON, as it will be sent ({"damaged": text} if not JSON)
+
+
+def _parsed(body: str) -> dict[str, Any]:
+    # A damaged row is shown as what it holds; the sender dead-letters it, never sends it.
+    try:
+        value = json.loads(body)
+    except ValueError:
+        value = None
+    return value if isinstance(value, dict) else {"damaged": body[:200]}
 
 
 class OutboxFile:
@@ -132,7 +141,7 @@ class OutboxFile:
                 kind="identify" if kind == IDENTIFY else "track",
                 created_ms=created_ms,
                 attempts=attempts,
-                body=json.loads(body),
+                body=_parsed(body),
             )
             for op_id, fp, kind, body, created_ms, attempts in self._outbox.queued(
                 limit, self._key_fp

@@ -10,10 +10,9 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 from ._errors import WhisperrError
 from ._options import (
@@ -28,10 +27,10 @@ from ._options import (
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_SHUTDOWN_TIMEOUT,
     DEFAULT_STORE_TIMEOUT,
-    MAX_OVERFLOW,
+    DEFAULT_SYNC_INTERVAL,
     Options,
 )
-from ._outbox import DeadLetter, Outbox, Stats, StoreError
+from ._outbox import DeadLetter, Stats, StoreError
 from ._sender import FlushResult, Sender
 from ._version import __version__
 from ._wire import (
@@ -39,12 +38,14 @@ from ._wire import (
     SDK_NAME,
     TRACK,
     InvalidOp,
+    describe_error,
     encode_identify,
     encode_track,
     message_id,
     shortcut_channels,
     utc_now_ms,
 )
+from ._writer import Writer, Written
 
 if TYPE_CHECKING:
     import httpx
@@ -56,8 +57,8 @@ OnError = Callable[[WhisperrError], None]
 _TRACK_FIELDS = ("external_user_id", "event_type", "properties", "context")
 # Ops per transaction in track_many(): large enough to make a commit's cost negligible.
 _BULK_CHUNK = 1_000
-# Ops appended between two checkpoints asked of the sender (about a page each in the WAL).
-_CHECKPOINT_EVERY = 1_000
+# A timeout this long (or infinite) is no limit: threading refuses waits beyond a bound.
+_NO_LIMIT = 1e9
 
 
 def key_fingerprint(api_key: str) -> str:
@@ -65,15 +66,13 @@ def key_fingerprint(api_key: str) -> str:
     return hashlib.sha256(b"whisperr_durable:" + api_key.encode("utf-8")).hexdigest()[:16]
 
 
-class _Stored(NamedTuple):
-    """What one write to the outbox came to, reported once the lock is released."""
-
-    stored: int
-    error: Optional[str]
-    evicted: int
-    lost: int
-    wake: bool
-    checkpoint: bool
+def _as_timeout(timeout: Optional[float]) -> Optional[float]:
+    """A caller's timeout in seconds: ``None``, ``inf`` or an enormous number is no limit."""
+    if timeout is None:
+        return None
+    if timeout != timeout:  # NaN
+        raise ValueError("timeout must be a number of seconds or None")
+    return None if timeout >= _NO_LIMIT else float(timeout)
 
 
 class DurableWhisperr:
@@ -84,11 +83,6 @@ class DurableWhisperr:
     ``path``; a background thread delivers it, and whatever is not delivered when the
     process ends is delivered by the next client that opens the same file with the same key.
     """
-
-    _group: list[tuple[int, str, int]]
-    _group_added: int
-    _group_stored: int
-    _group_leading: bool
 
     def __init__(
         self,
@@ -111,6 +105,7 @@ class DurableWhisperr:
         store_timeout: float = DEFAULT_STORE_TIMEOUT,
         max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS,
         fsync: bool = False,
+        sync_interval: float = DEFAULT_SYNC_INTERVAL,
         strict: bool = False,
     ) -> None:
         # A key read from a file often ends with a newline.
@@ -140,22 +135,15 @@ class DurableWhisperr:
             shutdown_timeout=shutdown_timeout,
             store_timeout=store_timeout,
             max_dead_letters=max_dead_letters,
-            fsync=fsync,
+            fsync=bool(fsync),
+            sync_interval=sync_interval,
         ).checked()
         # Context keys added to every event, under the caller's keys.
         self._environment = {"sdk_name": SDK_NAME, "sdk_version": __version__}
         if app_version and app_version.strip():
             self._environment["app_version"] = app_version.strip()
         fingerprint = key_fingerprint(key)
-        self._lock = threading.Lock()  # guards the callers' connection and the counters
-        self._outbox = Outbox(
-            self._options.path,
-            fingerprint,
-            fsync=fsync,
-            store_timeout=store_timeout,
-            max_dead_letters=max_dead_letters,
-            report=self._report_store_incident,
-        )
+        self._writer = Writer(self._options, fingerprint, self._emit)
         # httpx and filelock are imported here, not with the package: a process that only
         # imports whisperr_durable does not pay for them.
         from ._lock import SenderLock, lock_path
@@ -166,22 +154,30 @@ class DurableWhisperr:
             fingerprint,
             Transport(self._options.base_url, key, transport),
             SenderLock(lock_path(self._options.path, fingerprint)),
+            self._writer,
             self._emit,
-            on_wake=self._store_overflow,
-            report_store=lambda message: self._emit(WhisperrError("store_error", message)),
         )
-        self._deferred: deque[WhisperrError] = deque()
-        self._since_wake = self._since_checkpoint = 0
-        self._store_errors = 0
-        self._evicted_unlogged = 0
-        self._eviction_quiet_until = 0.0
-        # Ops that could not be stored (disk full, read-only, locked), oldest first; written
-        # before any newer op as soon as the outbox takes writes again.
-        self._overflow: deque[tuple[int, str, int]] = deque()
-        self._reset_group()
         self._closed = False
         self._clock_ms: Callable[[], int] = utc_now_ms
+        # Threads inside a method of this client right now. A signal handler runs on a
+        # thread that may be inside one, holding a lock (the writer's, a condition's, an
+        # Event's) that nothing may take again: such a call takes none (see _guarded).
+        self._inside: set[int] = set()
         _live_clients.add(self)
+        self._deliver_what_was_left()
+
+    def _deliver_what_was_left(self) -> None:
+        # The next process that opens the file delivers what earlier ones left, even if it
+        # never tracks anything itself.
+        if not os.path.exists(self._options.path):
+            return
+        try:
+            left = self._writer.has_pending()
+        except StoreError as exc:
+            log.debug("could not look for ops left in the outbox: %s", exc)
+            return
+        if left and self._sender.start():
+            self._sender.wake()
 
     @property
     def ready(self) -> bool:
@@ -223,7 +219,7 @@ class DurableWhisperr:
         except Exception as exc:  # a caller's object can fail in any way while encoded
             self._invalid("track", exc)
             return
-        self._append([(TRACK, body, now_ms)], group=True)
+        self._write([(TRACK, body, now_ms)], group=True)
 
     def identify(
         self,
@@ -251,7 +247,7 @@ class DurableWhisperr:
         except Exception as exc:
             self._invalid("identify", exc)
             return
-        self._append([(IDENTIFY, body, self._clock_ms())], group=True)
+        self._write([(IDENTIFY, body, self._clock_ms())], group=True)
 
     def track_many(self, events: Iterable[Union[Sequence[Any], Mapping[str, Any]]]) -> int:
         """Record many events at a fraction of the cost of one ``track()`` each: the bulk path.
@@ -259,55 +255,74 @@ class DurableWhisperr:
         Each item is ``(external_user_id, event_type[, properties[, context]])`` or a dict
         with those keys. Events are encoded as ``track()`` would, and stored up to
         1,000 to a transaction; invalid items are skipped and reported as for ``track()``.
-        Returns how many were stored; when it returns, they are all committed.
+        Returns how many were committed to the file (ops held in memory while it cannot be
+        written are not counted); when it returns, they are all committed. An iterable that
+        raises ends the call: what came before it is stored, and the failure is reported as
+        ``dropped`` (raised with ``strict=True``).
         """
         if self._disabled:
             return 0
         stored = 0
         chunk: list[tuple[int, str, int]] = []
-        for item in events:
-            now_ms = self._clock_ms()
-            try:
-                if isinstance(item, Mapping):
-                    args: list[Any] = [item.get(k) for k in _TRACK_FIELDS]
-                elif isinstance(item, (str, bytes)):
-                    raise InvalidOp("an item must be a tuple or a dict, not a string")
-                else:
-                    if not 2 <= len(item) <= 4:
-                        raise InvalidOp(
-                            "an item needs a user id, an event type and at most "
-                            "properties and context"
-                        )
-                    args = [*item, None, None][:4]
-                user, event_type, properties, context = args
-                body = encode_track(
-                    self._environment,
-                    user,
-                    event_type,
-                    properties,
-                    context,
-                    message_id(),
-                    now_ms,
-                )
-            except Exception as exc:
-                self._invalid("track_many", exc)
-                continue
-            chunk.append((TRACK, body, now_ms))
-            if len(chunk) >= _BULK_CHUNK:
-                stored += self._append(chunk)
-                chunk = []
-        if chunk:
-            stored += self._append(chunk)
+        try:
+            iterator = iter(events)
+            while True:
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    break
+                except Exception as exc:  # the caller's generator failed: stop there
+                    self._invalid("track_many", exc, what="the events iterable")
+                    break
+                body = self._encode_item(item)
+                if body is None:
+                    continue
+                chunk.append(body)
+                if len(chunk) >= _BULK_CHUNK:
+                    stored += self._write(chunk)
+                    chunk = []
+        except TypeError as exc:  # not iterable at all
+            self._invalid("track_many", exc, what="events")
+        finally:
+            # Whatever happened above (strict mode raising included), the valid items
+            # already taken are stored.
+            if chunk:
+                stored += self._write(chunk)
         return stored
+
+    def _encode_item(self, item: Any) -> Optional[tuple[int, str, int]]:
+        now_ms = self._clock_ms()
+        try:
+            if isinstance(item, Mapping):
+                args: list[Any] = [item.get(k) for k in _TRACK_FIELDS]
+            elif isinstance(item, (str, bytes)):
+                raise InvalidOp("an item must be a tuple or a dict, not a string")
+            else:
+                if not 2 <= len(item) <= 4:
+                    raise InvalidOp(
+                        "an item needs a user id, an event type and at most "
+                        "properties and context"
+                    )
+                args = [*item, None, None][:4]
+            user, event_type, properties, context = args
+            body = encode_track(
+                self._environment, user, event_type, properties, context, message_id(), now_ms
+            )
+        except Exception as exc:
+            self._invalid("track_many", exc)
+            return None
+        return (TRACK, body, now_ms)
 
     def flush(self, timeout: Optional[float] = None) -> FlushResult:
         """Deliver everything enqueued before this call, and wait for it.
 
-        Returns when those ops are delivered or dead-lettered, when delivery cannot proceed
-        (key rejected, retries exhausted), or after ``timeout`` seconds (``None``: no limit).
-        The result tells how many of them are still pending and why.
+        Returns when those ops are delivered or refused, when delivery cannot proceed
+        (key rejected, wrong URL, retries exhausted, the file unusable), or after ``timeout``
+        seconds (``None`` or ``inf``: no limit). The result tells how many of them are still
+        pending and why, and how many were refused or lost meanwhile; it is truthy only if
+        every one was delivered.
         """
-        return self._flush(timeout, retry=True)
+        return self._flush(_as_timeout(timeout), retry=True)
 
     async def aflush(self, timeout: Optional[float] = None) -> FlushResult:
         """``flush()`` for asyncio code: the wait happens on a thread of its own, so the
@@ -339,240 +354,144 @@ class DurableWhisperr:
         return await done
 
     def _flush(self, timeout: Optional[float], *, retry: bool) -> FlushResult:
-        if self._disabled or not (self._overflow or os.path.exists(self._options.path)):
+        if self._disabled or not (self._writer.used or os.path.exists(self._options.path)):
             return FlushResult()  # nothing was ever stored: do not create the file for this
+        with self._guarded() as entered:
+            if not entered:
+                # A signal handler interrupted this thread inside the client: nothing here
+                # may wait for it. The sender delivers on its own.
+                return FlushResult(self._writer.held, "reentered")
+            return self._flush_entered(timeout, retry=retry)
+
+    def _flush_entered(self, timeout: Optional[float], *, retry: bool) -> FlushResult:
         try:
-            with self._lock:
-                if self._overflow:
-                    with suppress(StoreError):
-                        self._store_overflow_locked()
-                last_id = self._outbox.last_id()
-            self._emit_deferred()
-
-            def pending(exact: bool) -> int:
-                with self._lock:
-                    return self._outbox.pending_through(last_id, exact=exact)
-
-            result = self._sender.flush(pending, timeout, retry=retry)
+            barrier = self._writer.barrier()
+            result = self._sender.flush(
+                lambda exact: self._writer.pending(barrier, exact), timeout, retry=retry
+            )
         except StoreError as exc:
-            self._emit_deferred()
             log.warning("whisperr_durable: flush could not use the outbox: %s", exc)
-            return FlushResult(len(self._overflow), "store")
-        if self._overflow:  # held in memory: not delivered, whatever the sender did
-            return FlushResult(result.pending + len(self._overflow), "store")
-        return result
+            result = FlushResult(self._writer.held, "store")
+        if barrier.error is not None and result.reason is None:
+            result = result._replace(reason="store")  # the file's ops were not looked at
+        refused, lost = self._writer.since(barrier)
+        return result._replace(refused=refused, lost=lost)
 
     def shutdown(self, timeout: Optional[float] = None) -> FlushResult:
-        """Flush for at most ``timeout`` seconds (default ``shutdown_timeout``), then stop.
+        """Flush for at most ``timeout`` seconds (default ``shutdown_timeout``; ``inf``: no
+        limit), then stop.
 
         The final flush stops at the first failed request; whatever is not delivered stays in
         the outbox for the next client. Also run at interpreter exit. Idempotent.
         """
         if self._disabled or self._closed:
             return FlushResult()
+        if threading.get_ident() in self._inside:
+            # From a signal handler that interrupted this client: nothing here may wait.
+            # Left open, so the exit handler still runs the final flush.
+            return FlushResult(self._writer.held, "reentered")
         self._closed = True
-        budget = self._options.shutdown_timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
+        budget = _as_timeout(self._options.shutdown_timeout if timeout is None else timeout)
+        started = time.monotonic()
         # One pass, as the official SDK's shutdown: after a failed request what is left stays
         # on disk for the next process, and exit is not held up by backoff.
         result = self._flush(budget, retry=False)
-        self._sender.stop(max(0.0, min(1.0, deadline - time.monotonic())))
-        if self._overflow:
-            lost = len(self._overflow)
-            self._overflow.clear()
-            log.warning("whisperr_durable: %d op(s) that could not be stored are lost", lost)
-            self._emit(WhisperrError("dropped", f"{lost} op(s) that could not be stored are lost"))
-        with self._lock:
-            self._outbox.close()
+        left = 1.0 if budget is None else budget - (time.monotonic() - started)
+        self._sender.stop(max(0.0, min(1.0, left)))
+        lost = self._writer.drop_held()
+        if lost:
+            message = f"{lost} op(s) that could not be stored or delivered are lost"
+            log.warning("whisperr_durable: %s", message)
+            self._emit(WhisperrError("dropped", message))
+            result = result._replace(lost=result.lost + lost)
+        with self._guarded() as entered:
+            if entered:
+                self._writer.close()
         _live_clients.discard(self)
         return result
 
     def stats(self) -> Stats:
-        """What is in the outbox for this client's key (raises ``StoreError`` if unreadable)."""
+        """What is in the outbox for this key, and what became of this key's ops. Never
+        raises: if the file cannot be read, ``error`` says why."""
         if self._disabled:
             return Stats(0, 0, None, 0, 0, 0)
-        try:
-            with self._lock:
-                return self._outbox.stats()._replace(store_errors=self._store_errors)
-        finally:
-            self._emit_deferred()
+        with self._guarded() as entered:
+            if entered:
+                return self._writer.stats()
+        held = self._writer.held
+        return Stats(0, 0, None, 0, 0, 0, held=held, error="called from a signal handler")
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The oldest ``limit`` ops the server refused, for this client's key."""
+        """The oldest ``limit`` ops the server refused, for this client's key (raises
+        ``StoreError`` if the file cannot be read)."""
         if self._disabled:
             return []
-        try:
-            with self._lock:
-                return self._outbox.dead_letters(limit)
-        finally:
-            self._emit_deferred()
+        with self._guarded() as entered:
+            if entered:
+                return self._writer.dead_letters(limit)
+        raise StoreError("dead_letters() called from a signal handler that interrupted it")
 
     # ---- internals ----
 
-    def _append(self, ops: list[tuple[int, str, int]], *, group: bool = False) -> int:
-        """Store ``(kind, body, created_ms)`` ops in one transaction; returns how many.
-
-        ``group``: commit them together with the ops other threads are appending at the same
-        moment (group commit: one transaction, one fsync with ``fsync=True``, for all of
-        them). One thread at a time leads: once the commit before it is done, it takes every
-        op waiting and stores them; the others wait until a transaction holding theirs is
-        done, then return.
-        """
-        if group:
-            with self._group_done:
-                self._group.extend(ops)
-                self._group_added += len(ops)
-                ticket = self._group_added
-                while self._group_stored < ticket and self._group_leading:
-                    self._group_done.wait()
-                if self._group_stored >= ticket:
-                    return len(ops)  # another thread's transaction took them
-                self._group_leading = True
-        through = 0
-        try:
-            with self._lock:
-                if group:
-                    with self._group_done:
-                        ops, self._group = self._group, []
-                        through = self._group_added
-                try:
-                    outcome = self._store_locked(ops)
-                except BaseException:  # not stored: the next thread to lead takes them
-                    if group:
-                        with self._group_done:
-                            self._group[:0] = ops
-                            through = 0
-                    raise
-        finally:
-            if group:
-                with self._group_done:
-                    self._group_stored = max(self._group_stored, through)
-                    self._group_leading = False
-                    self._group_done.notify_all()
-        self._after_store(outcome)
-        return outcome.stored
-
-    def _store_locked(self, ops: list[tuple[int, str, int]]) -> _Stored:
-        """Write ``ops`` (the lock held): to the outbox, or, while it fails, to memory."""
-        error: Optional[str] = None
-        stored = evicted = lost = 0
-        wake = checkpoint = False
-        held = bool(self._overflow)
-        try:
-            if held:  # older ops wait in memory: they go first
-                self._overflow.extend(ops)
-                evicted = self._store_overflow_locked()
-            elif len(ops) == 1:
-                _, evicted = self._outbox.append(*ops[0], self._options.max_queue_size)
-            else:
-                evicted = self._outbox.append_many(ops, self._options.max_queue_size)
-        except StoreError as exc:
-            self._store_errors += len(ops)
-            if not held:  # the first failure of an episode is reported
-                error = str(exc)
-                self._overflow.extend(ops)
-            while len(self._overflow) > MAX_OVERFLOW:
-                self._overflow.popleft()
-                lost += 1
-        else:
-            stored = len(ops)
-            self._since_wake += stored
-            self._since_checkpoint += stored
-            wake = self._since_wake >= self._options.flush_at
-            if wake:
-                self._since_wake = self._since_checkpoint = 0
-            checkpoint = self._since_checkpoint >= _CHECKPOINT_EVERY
-            if checkpoint:
-                self._since_checkpoint = 0
-        return _Stored(stored, error, evicted, lost, wake, checkpoint)
-
-    def _after_store(self, outcome: _Stored) -> None:
-        """Report and wake the sender, with no lock held: a callback may track."""
-        if outcome.error is not None:
-            log.warning(
-                "whisperr_durable: the outbox cannot be written (%s); holding up to %d ops in "
-                "memory until it can",
-                outcome.error,
-                MAX_OVERFLOW,
-            )
-            self._emit(
-                WhisperrError("store_error", f"the outbox cannot be written: {outcome.error}")
-            )
-        if outcome.lost:
-            self._emit(
-                WhisperrError(
-                    "dropped",
-                    "the outbox cannot be written and the memory buffer "
-                    f"is full: dropped the {outcome.lost} oldest op(s)",
-                )
-            )
-        if outcome.evicted:
-            self._note_eviction(outcome.evicted)
-            self._emit(
-                WhisperrError("dropped", f"queue full: evicted {outcome.evicted} oldest op(s)")
-            )
-        self._emit_deferred()
-        if not self._closed:
-            self._sender.start()
-            if outcome.wake:
-                self._sender.wake()
-            elif outcome.checkpoint:
-                self._sender.checkpoint_soon()
-
-    def _note_eviction(self, evicted: int) -> None:
-        # A full queue evicts on every call: warn once a minute, with the count since.
-        self._evicted_unlogged += evicted
-        now = time.monotonic()
-        if now >= self._eviction_quiet_until:
-            log.warning(
-                "whisperr_durable: queue full (max_queue_size=%d): evicted %d oldest op(s)",
-                self._options.max_queue_size,
-                self._evicted_unlogged,
-            )
-            self._evicted_unlogged = 0
-            self._eviction_quiet_until = now + 60.0
-
-    def _store_overflow_locked(self) -> int:
-        """Write the ops held in memory, oldest first, in one transaction (raises StoreError)."""
-        evicted = self._outbox.append_many(list(self._overflow), self._options.max_queue_size)
-        log.info(
-            "whisperr_durable: the outbox takes writes again; stored %d held op(s)",
-            len(self._overflow),
-        )
-        self._overflow.clear()
-        return evicted
-
-    def _store_overflow(self) -> None:
-        # Called by the sender on every wake-up, so held ops are written even if no new
-        # call comes.
-        if not self._overflow:
+    @contextmanager
+    def _guarded(self) -> Iterator[bool]:
+        """Yields whether this thread may use the client's locks: ``False`` if it is inside
+        this client already (a signal handler interrupted it there)."""
+        ident = threading.get_ident()
+        if ident in self._inside:
+            yield False
             return
-        with self._lock:
-            if self._overflow:
-                with suppress(StoreError):
-                    self._store_overflow_locked()
-        self._emit_deferred()
+        # A signal between the check and this line finds the thread not yet inside, and so
+        # runs a whole call of its own before this one takes any lock: safe.
+        self._inside.add(ident)
+        try:
+            yield True
+        finally:
+            self._inside.discard(ident)
 
-    def _report_store_incident(self, message: str) -> None:
-        # Called with the lock held: a callback that tracks must find it free, so the
-        # report waits for _emit_deferred().
-        self._deferred.append(WhisperrError("store_error", message))
+    def _write(self, ops: list[tuple[int, str, int]], *, group: bool = False) -> int:
+        """Hand ops to the writer and wake the sender for them; returns how many were
+        committed to the file. The hot path of track(): the guard is spelled out."""
+        ident = threading.get_ident()
+        if ident in self._inside:  # a signal handler interrupted this thread in the client
+            self._writer.set_aside(ops)
+            return 0
+        self._inside.add(ident)
+        try:
+            written = self._writer.write(ops, group=group)
+            self._after_write(written)
+        finally:
+            self._inside.discard(ident)
+        self._writer.emit_deferred()  # outside: the callback may track
+        return written.stored
 
-    def _emit_deferred(self) -> None:
-        while self._deferred:
-            try:
-                error = self._deferred.popleft()
-            except IndexError:  # another thread emitted it
-                return
-            self._emit(error)
+    def _after_write(self, written: Written) -> None:
+        """Wake the sender for what was written: ops tracked after shutdown() stay in the
+        file for the next client."""
+        if self._closed:
+            return
+        sender = self._sender
+        sender.start()
+        if written.wake:
+            sender.wake()
+        elif written.checkpoint:
+            sender.checkpoint_soon()
+        if written.stored:
+            sender.sync_soon()
+        elif written.held:
+            sender.store_soon()
 
-    def _invalid(self, method: str, exc: Exception) -> None:
-        if not isinstance(exc, InvalidOp):
-            exc = InvalidOp(f"{type(exc).__name__}: {exc}")
+    def _invalid(self, method: str, exc: Exception, *, what: str = "") -> None:
+        if isinstance(exc, InvalidOp):
+            error = exc
+        else:
+            # The text of a caller's exception can carry user data (KeyError: 'ada@...'),
+            # and its __str__ can itself raise: say what it was and where it came from.
+            error = InvalidOp(f"{what + ': ' if what else ''}{describe_error(exc)}")
         if self._strict:
-            raise exc
-        log.warning("whisperr_durable: %s call not queued: %s", method, exc)
-        self._emit(WhisperrError("dropped", f"{method} not queued: {exc}"))
+            raise error from (None if error is exc else exc)
+        log.warning("whisperr_durable: %s call not queued: %s", method, error)
+        self._emit(WhisperrError("dropped", f"{method} not queued: {error}"))
 
     def _emit(self, error: WhisperrError) -> None:
         if self._on_error is None:
@@ -582,20 +501,8 @@ class DurableWhisperr:
         except Exception:  # the host's callback must never break delivery
             log.debug("on_error raised", exc_info=True)
 
-    def _reset_group(self) -> None:
-        # Ops of track()/identify() calls waiting for a transaction, and how many were
-        # added and taken into one, in all.
-        self._group_done = threading.Condition(threading.Lock())
-        self._group = []
-        self._group_added = self._group_stored = 0
-        self._group_leading = False
-
     def _after_fork_in_child(self) -> None:
-        # Another thread may have held the lock at fork time; it never unlocks in the child.
-        self._lock = threading.Lock()
-        self._reset_group()  # the parent's threads store what they added
-        self._since_wake = self._since_checkpoint = 0
-        self._overflow.clear()  # the parent still holds these and will store them
+        self._writer.after_fork_in_child()
         self._sender.after_fork()
 
 
@@ -612,7 +519,9 @@ def _shutdown_all() -> None:
     deadline = time.monotonic() + budget
     for client in clients:
         try:
-            client.shutdown(min(client._options.shutdown_timeout, deadline - time.monotonic()))
+            client.shutdown(
+                max(0.0, min(client._options.shutdown_timeout, deadline - time.monotonic()))
+            )
         except Exception:
             log.debug("shutdown at exit failed", exc_info=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import NamedTuple
 
 DEFAULT_BASE_URL = "https://api.whisperr.net"
@@ -19,6 +21,9 @@ DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_SHUTDOWN_TIMEOUT = 5.0
 DEFAULT_STORE_TIMEOUT = 5.0
 DEFAULT_MAX_DEAD_LETTERS = 1_000
+# Without fsync=True a commit reaches the disk only when something syncs the WAL: the sender
+# does at least this often while ops arrive, which bounds what a power cut can take.
+DEFAULT_SYNC_INTERVAL = 1.0
 
 # The server takes at most 500 events per batch.
 MAX_BATCH_SIZE = 500
@@ -44,6 +49,14 @@ RETRY_AFTER_CAP = 60.0
 # After an auth rejection or exhausted retries, the sender waits this long before it
 # tries again on its own (an explicit flush() tries at once).
 PAUSE_AFTER_FAILURE = 60.0
+# While the outbox cannot be written, the sender tries to store the ops held in memory this
+# often (callers never wait for the disk again during such an episode).
+STORE_RETRY_INTERVAL = 1.0
+
+
+def wait_seconds(seconds: float) -> float:
+    """``seconds`` as a timeout that ``threading`` accepts: huge values wait "for ever"."""
+    return min(seconds, threading.TIMEOUT_MAX)
 
 
 class Options(NamedTuple):
@@ -63,28 +76,24 @@ class Options(NamedTuple):
     store_timeout: float = DEFAULT_STORE_TIMEOUT
     max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS
     fsync: bool = False
+    sync_interval: float = DEFAULT_SYNC_INTERVAL
 
     def checked(self) -> Options:
-        """These options, validated (``ValueError``) and clamped."""
-        positive = {
-            "flush_at": self.flush_at,
-            "flush_interval": self.flush_interval,
-            "max_queue_size": self.max_queue_size,
-            "max_batch_size": self.max_batch_size,
-            "request_timeout": self.request_timeout,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
-        non_negative = {
-            "max_retries": self.max_retries,
-            "shutdown_timeout": self.shutdown_timeout,
-            "store_timeout": self.store_timeout,
-            "max_dead_letters": self.max_dead_letters,
-        }
-        for name, value in non_negative.items():
-            if value < 0:
-                raise ValueError(f"{name} must not be negative, got {value!r}")
+        """These options, validated (``ValueError``) and clamped.
+
+        Counts must be whole numbers; durations finite numbers of seconds, except
+        ``shutdown_timeout``, which may be ``inf`` (no limit). The integrations parse options
+        from text, so ``"inf"`` or ``"nan"`` can arrive here: they are refused now rather than
+        failing later in the sender thread.
+        """
+        for name in ("flush_at", "max_queue_size", "max_batch_size"):
+            _require_int(name, getattr(self, name), minimum=1)
+        for name in ("max_retries", "max_dead_letters"):
+            _require_int(name, getattr(self, name), minimum=0)
+        for name in ("flush_interval", "request_timeout", "sync_interval"):
+            _require_seconds(name, getattr(self, name), positive=True)
+        _require_seconds("store_timeout", self.store_timeout, positive=False)
+        _require_seconds("shutdown_timeout", self.shutdown_timeout, positive=False, inf=True)
         return self._replace(
             max_batch_size=min(self.max_batch_size, MAX_BATCH_SIZE),
             base_url=self.base_url.rstrip("/"),
@@ -93,3 +102,22 @@ class Options(NamedTuple):
     def __repr__(self) -> str:
         # Never show the key.
         return f"Options(path={self.path!r}, base_url={self.base_url!r})"
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < minimum:
+        rule = "must be positive" if minimum > 0 else "must not be negative"
+        raise ValueError(f"{name} {rule}, got {value!r}")
+
+
+def _require_seconds(name: str, value: object, *, positive: bool, inf: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or (math.isinf(value) and not (inf and value > 0)):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be positive, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative, got {value!r}")

@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 import weakref
@@ -24,7 +25,7 @@ from contextlib import closing, contextmanager, suppress
 from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
 
 from ._options import MAX_LEASE
-from ._wire import IDENTIFY, TRACK
+from ._wire import IDENTIFY, TRACK, utc_now_ms
 
 log = logging.getLogger("whisperr_durable")
 
@@ -134,8 +135,24 @@ _MIGRATIONS: tuple[Union[tuple[str, ...], Callable[[sqlite3.Connection], None]],
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-# SQLite's words for a file that is not (or no longer) a usable database.
-_CORRUPT = ("file is not a database", "database disk image is malformed")
+# What marks a SQLite file as an outbox (``PRAGMA application_id``, in the file's header):
+# no other database is ever written to. Files made before the marker are recognised by their
+# tables and marked when first opened.
+APPLICATION_ID = 0x77687264  # "whrd"
+_OUR_TABLES = frozenset({"dead_letters", "counters"})
+
+# SQLite's result codes for a file that is not (or no longer) a usable database, and its
+# words for them where the error carries no code (Python before 3.11).
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
+# Errors a connection keeps for as long as it lives (opened read-only, or on a file it can
+# no longer reach): after one, the next attempt needs a fresh connection.
+_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 3, 8, 10, 14
+_STICKY = ("readonly database", "unable to open", "disk I/O error", "access permission denied")
+_CORRUPT = (
+    "file is not a database",
+    "database disk image is malformed",
+    "malformed database schema",
+)
 
 # No commit checkpoints in the normal run of things: the sender does, after its commits and
 # when callers ask it to, outside any transaction. This bound only stops the WAL growing
@@ -157,6 +174,7 @@ T = TypeVar("T")
 
 _MAX_LEASE_MS = int(MAX_LEASE * 1000)
 _EXPIRED = "expired: older than the server's 30-day window"
+_DAMAGED = "damaged: the stored row is not the wire JSON of an op"
 
 
 class StoreError(Exception):
@@ -166,16 +184,34 @@ class StoreError(Exception):
 class Row(NamedTuple):
     id: int
     kind: int
-    body: str
+    body: bytes  # the wire JSON, ASCII
     created_ms: int
     attempts: int
 
 
 class Claim(NamedTuple):
-    """What one claim took: rows to send now, and expired rows it dead-lettered instead."""
+    """What one claim took: rows to send now, and rows it dead-lettered instead: expired
+    (the server would refuse them) or damaged (not an op's wire JSON any more); ``pruned``
+    older dead letters removed to keep ``max_dead_letters``."""
 
     rows: list[Row]
     expired: int = 0
+    damaged: int = 0
+    pruned: int = 0
+
+
+def _sound(kind: object, body: object, created_ms: object, attempts: object) -> bool:
+    """Whether a queued row is still an op we wrote: the wire JSON (ASCII, one object) of a
+    known kind. Anything else (a damaged page, another program's row) is never sent."""
+    return (
+        kind in (TRACK, IDENTIFY)
+        and isinstance(body, bytes)
+        and isinstance(created_ms, int)
+        and isinstance(attempts, int)
+        and body.isascii()
+        and body[:1] == b"{"
+        and body[-1:] == b"}"
+    )
 
 
 class DeadLetter(NamedTuple):
@@ -230,6 +266,17 @@ class KeyReport(NamedTuple):
         )
 
 
+def _text(body: object) -> str:
+    """A stored body as text, whatever damage it took (shown to operators, never sent)."""
+    if isinstance(body, bytes):
+        return body.decode("utf-8", "replace")
+    return str(body)
+
+
+def _int_or_zero(value: object) -> int:
+    return value if isinstance(value, int) else 0
+
+
 def _dead_letter_filters(
     ids: Optional[Sequence[int]], key_fp: Optional[str]
 ) -> Iterator[tuple[str, tuple[Any, ...]]]:
@@ -246,7 +293,16 @@ def _dead_letter_filters(
 
 
 class Stats(NamedTuple):
-    """What the outbox holds for one key; ``store_errors`` counts this process's failures."""
+    """What the outbox holds for one key, and what became of the ops that left it.
+
+    ``evicted`` (by ``max_queue_size``), ``refused`` (moved to the dead letters: refused by
+    the server, expired or damaged) and ``dead_letters_pruned`` (removed by
+    ``max_dead_letters``) are totals kept in the file, for every process. ``store_errors``
+    (failed writes), ``held`` (ops waiting in memory while the file cannot be written) and
+    ``lost`` (ops dropped from memory, or left in a file replaced under the process) are this
+    process's own. ``error`` says why the file could not be read; the file's counts are then
+    0.
+    """
 
     pending_tracks: int
     pending_identifies: int
@@ -255,22 +311,93 @@ class Stats(NamedTuple):
     evicted: int
     schema_version: int
     store_errors: int = 0
+    refused: int = 0
+    dead_letters_pruned: int = 0
+    held: int = 0
+    lost: int = 0
+    error: Optional[str] = None
 
     @property
     def pending(self) -> int:
         return self.pending_tracks + self.pending_identifies
 
 
+def _primary_code(exc: BaseException) -> Optional[int]:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def _is_corrupt(exc: BaseException) -> bool:
-    return isinstance(exc, sqlite3.DatabaseError) and any(m in str(exc) for m in _CORRUPT)
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = _primary_code(exc)
+    if code is not None:
+        return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    return any(m in str(exc) for m in _CORRUPT)
 
 
-def _is_busy(exc: sqlite3.Error) -> bool:
+def _is_sticky(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    code = _primary_code(exc)
+    if code is not None:
+        return code in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN)
+    return any(m in str(exc) for m in _STICKY)
+
+
+def _is_busy(exc: BaseException) -> bool:
+    code = _primary_code(exc)
+    if code is not None:
+        return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
     text = str(exc)
     return "database is locked" in text or "database table is locked" in text
 
 
-def _create_private_file(path: str) -> None:
+def _user(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def _access_note(path: str) -> str:
+    """Who this process is and who owns the file (or the nearest directory above it that
+    this process can see): what a person needs to mend "readonly" or "unable to open"."""
+    me = f"this process runs as {_user(os.geteuid())}"
+    name = path
+    while True:
+        try:
+            st = os.stat(name)
+        except OSError:
+            parent = os.path.dirname(name)
+            if parent == name:
+                return me
+            name = parent
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        return f"{me}; {name} belongs to {_user(st.st_uid)}, mode {mode:04o}"
+
+
+def _sidecars(path: str) -> tuple[str, str]:
+    return path + "-wal", path + "-shm"
+
+
+def _prepare_path(path: str) -> bool:
+    """Make sure the outbox file is ours and private before SQLite opens anything; returns
+    whether the file is new (empty).
+
+    In a shared directory (``/tmp``) another user can place a symbolic link at the path, or
+    a file of their own that they can read and write: we would then queue events into their
+    hands, and deliver, with our key, rows they inserted. So the file, its ``-wal`` and its
+    ``-shm`` must be regular files of ours (one that is too open is made private); the file
+    is created here, 0600, never through a link. SQLite itself never follows a link to
+    ``-wal`` or ``-shm``, and the two are checked again once SQLite has opened them. Files are
+    only ever created or looked at here, never opened: closing any descriptor of a file
+    drops every POSIX lock this process holds on it, SQLite's included, and another process
+    could then checkpoint and delete the WAL our connections still write to.
+    """
     # Every directory we create is 0700 (os.makedirs would give only the last one the mode).
     missing = []
     parent = os.path.dirname(path)
@@ -280,21 +407,70 @@ def _create_private_file(path: str) -> None:
     for directory in reversed(missing):
         with suppress(FileExistsError):
             os.mkdir(directory, 0o700)
-    # Created 0600 before SQLite opens it; an existing file keeps its mode, and is never
-    # opened here: closing any descriptor of a file drops every POSIX lock this process
-    # holds on it, SQLite's included, and another process could then checkpoint and delete
-    # the WAL our connections still write to.
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:  # also a link, dangling or not: _check_ours refuses it
+        pass
+    else:
+        os.close(fd)  # a new inode: no lock of anyone's is on it
+    _check_ours(path)
+    writable = os.access(path, os.W_OK)
+    for name in _sidecars(path):
+        _check_ours(name, writable=writable)
+    # Empty: made just now (or by a process that died before it wrote the schema).
+    return os.stat(path).st_size == 0
+
+
+def _check_ours(name: str, *, writable: bool = False) -> None:
+    """Refuse ``name`` unless it is a regular file of ours; make it private. ``writable``:
+    it is the -wal or -shm of a file we can write, so it must be writable too (SQLite gives
+    them the mode of the database file as it was when it made them: a file that was
+    read-only then would stay unusable once writable again)."""
+    try:
+        st = os.lstat(name)
+    except FileNotFoundError:
         return
-    os.close(fd)
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(f"{name} is a symbolic link; an outbox is never opened through one")
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{name} is not a regular file")
+    if st.st_uid != os.geteuid():
+        raise StoreError(
+            f"{name} belongs to {_user(st.st_uid)} (mode {stat.S_IMODE(st.st_mode):04o}), not "
+            f"to this process's user {_user(os.geteuid())}: refusing a file that another user "
+            "can read or fill"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077 or (writable and mode & 0o600 != 0o600):
+        os.chmod(name, 0o600)  # ours, and not a link: make it private
+
+
+def _sync_directory(path: str) -> None:
+    """fsync the directory holding ``path``, so that the file's name survives a power cut."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Files whose -shm was replaced under this process, and what to say about them: this
+# process never uses them again (see Outbox._shm_replaced).
+_UNSAFE: dict[str, str] = {}
+
+# Ops left in an outbox file that was replaced or moved under this process, counted once
+# per (path, key, file) however many connections of this process notice it.
+_LOST: dict[tuple[str, str], int] = {}
+_STRANDED_SEEN: set[tuple[str, str, int]] = set()
+_LOST_LOCK = threading.Lock()
 
 
 class Outbox:
     """One connection to the outbox file, for one thread at a time (callers lock around it).
 
-    The connection is opened on first use, and opened afresh in a forked child.
+    The connection is opened on first use, and opened afresh in a forked child, after any
+    error that is not a busy file (SQLite connections remember "readonly" and the like), and
+    when the file or its ``-shm`` was replaced under it.
     """
 
     def __init__(
@@ -305,10 +481,12 @@ class Outbox:
         fsync: bool = False,
         store_timeout: float = 5.0,
         max_dead_letters: int = 1000,
-        report: Optional[Callable[[str], None]] = None,
+        report: Optional[Callable[[str, str], None]] = None,
         inspect_only: bool = False,
     ) -> None:
-        """``inspect_only``: for looking at a file from outside: never create one, never
+        """``report(type, message)``: told of incidents that no call returns (a file moved
+        aside, ops lost with a replaced file), with an ``on_error`` type.
+        ``inspect_only``: for looking at a file from outside: never create one, never
         make an outbox of a file that is not one, never move a corrupt one aside."""
         self.path = path
         self.key_fp = key_fp
@@ -322,9 +500,22 @@ class Outbox:
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = 0
         self._inode = 0
+        self._shm_inode = 0
+        # Eviction's memory of rows it had to leave (leased when it ran): (oldest id then,
+        # evicted through), so that a full queue does not rescan them on every append.
+        self._evict_hint = (0, 0)
         # Held around every use of the connection, so that a fork can wait for it to be idle.
         self._guard = threading.RLock()
         _live_outboxes.add(self)
+
+    @property
+    def is_open(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def lost(self) -> int:
+        """Ops of this key known lost with a file replaced or moved under this process."""
+        return _LOST.get((self.path, self.key_fp), 0)
 
     # ---- connection ----
 
@@ -334,14 +525,32 @@ class Outbox:
         ``same_file``: the caller names rows by the ids of an earlier claim, which mean
         nothing in another file: if the file was replaced since, raise instead of reopening.
         """
-        if self._conn is not None:
-            if self._pid == os.getpid() and self._same_file():
-                return self._conn
-            # Inherited through fork, or the file was moved aside under us: never use it
-            # again, and never close it (closing can checkpoint into, or delete, the WAL
-            # that now belongs to another process or another file).
-            _ABANDONED.append(self._conn)
-            self._conn = None
+        conn = self._conn
+        if conn is not None:
+            if self._pid != os.getpid():
+                # Inherited through fork: never use it, and never close it (closing could
+                # checkpoint into, or delete, the WAL that belongs to the parent).
+                _ABANDONED.append(conn)
+                self._conn = None
+            else:
+                replaced = self._replaced()
+                if replaced is None:
+                    return conn
+                self._conn = None
+                # Never used again, and never closed: closing could checkpoint into, or
+                # delete, the WAL of the file now at the path.
+                _ABANDONED.append(conn)
+                if replaced == "file":
+                    # Moved aside or replaced: this connection still sees the old file. Count
+                    # what it leaves there.
+                    self._count_stranded(
+                        self._stranded(conn), "was moved or replaced under this process"
+                    )
+                else:
+                    self._shm_replaced()
+        unsafe = _UNSAFE.get(self.path)
+        if unsafe is not None:
+            raise StoreError(unsafe)
         if same_file and self._inode and not self._same_file():
             raise StoreError(f"{self.path} was replaced; rows claimed from the old file are gone")
         try:
@@ -354,27 +563,85 @@ class Outbox:
         self._conn, self._pid = conn, os.getpid()
         return conn
 
+    def _replaced(self) -> Optional[str]:
+        """``"file"`` if the path no longer names the file we opened, ``"shm"`` if its
+        ``-shm`` (the WAL's index, which SQLite maps in memory) is not the one we mapped."""
+        if not self._same_file():
+            return "file"
+        if self._shm_inode and self._inode_of(self.path + "-shm") != self._shm_inode:
+            return "shm"
+        return None
+
+    def _shm_replaced(self) -> None:
+        # Another process that opened the file after its -shm was deleted built a new index
+        # of the WAL, while this process still maps the old one: each would write frames at
+        # the same places of the WAL, overwriting what the other committed, and this process
+        # cannot map the new index while any of its connections holds the old one (closing
+        # the last one could even checkpoint from the stale index and delete the WAL). So it
+        # stops using the file: its ops are held in memory and delivered from there.
+        message = (
+            f"the -shm file of {self.path} was deleted or replaced while this process used "
+            "it: ops that other processes wrote since may be lost, and this process no "
+            "longer writes to the file (restart it to use the file again)"
+        )
+        with _LOST_LOCK:
+            first = self.path not in _UNSAFE
+            _UNSAFE[self.path] = message
+        if first:
+            log.warning("whisperr_durable: %s", message)
+            if self._report is not None:
+                self._report("store_error", message)
+
+    def _stranded(self, conn: sqlite3.Connection) -> Optional[int]:
+        """How many of this key's ops the file ``conn`` sees holds (None: unreadable)."""
+        try:
+            ((count,),) = conn.execute(f"SELECT count(*) FROM {self._table}").fetchall()
+        except sqlite3.Error:
+            return None
+        return int(count)
+
+    def _count_stranded(self, count: Optional[int], how: str) -> None:
+        """Count, once per process and file, ops of this key left in a file that is no
+        longer at the path: no sender will ever see them."""
+        seen = (self.path, self.key_fp, self._inode)
+        with _LOST_LOCK:
+            if seen in _STRANDED_SEEN or count == 0:
+                return
+            _STRANDED_SEEN.add(seen)
+            if count is not None:
+                key = (self.path, self.key_fp)
+                _LOST[key] = _LOST.get(key, 0) + count
+        what = "an unknown number of ops" if count is None else f"{count} op(s)"
+        message = f"{self.path} {how}: {what} of this key queued in it will not be delivered"
+        log.warning("whisperr_durable: %s", message)
+        if self._report is not None:
+            self._report("dropped", message)
+
     def _open(self) -> sqlite3.Connection:
         if sqlite3.sqlite_version_info < (3, 24, 0):  # UPSERT, used by the schema
             raise StoreError(f"SQLite {sqlite3.sqlite_version} is too old: 3.24 or newer needed")
+        created = False
         if self._inspect_only:
             if not os.path.isfile(self.path):
                 raise FileNotFoundError(f"no outbox at {self.path}")
         else:
-            _create_private_file(self.path)
+            created = _prepare_path(self.path)
         # timeout=0: SQLite's own busy handler sleeps up to 100 ms a step; ours retries sooner.
         conn = sqlite3.connect(
             self.path, timeout=0, isolation_level=None, check_same_thread=False
         )
-        self._inode = os.stat(self.path).st_ino
+        self._inode = self._inode_of(self.path)
         try:
             version = self._retry_busy(lambda: self._check_version(conn))
+            self._retry_busy(lambda: self._check_is_outbox(conn, version))
             if self._inspect_only:
                 # Looked at, not managed: an older file keeps its version for older SDKs.
-                if version == 0:
-                    raise StoreError(f"{self.path} is not a whisperr_durable outbox")
                 self._version = version
+                self._shm_inode = self._inode_of(self.path + "-shm")
                 return conn
+            writable = os.access(self.path, os.W_OK)
+            for name in _sidecars(self.path):  # made by SQLite on that first read, if missing
+                _check_ours(name, writable=writable)
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
             conn.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
             conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
@@ -383,32 +650,63 @@ class Outbox:
             self._migrate(conn)
             self._version = SCHEMA_VERSION
             self._retry_busy(lambda: conn.execute(_CREATE_QUEUE.format(table=self._table)))
+            if created:
+                # The schema reaches the disk now, not at some later checkpoint: a power cut
+                # must not leave a file that no longer reads as an outbox.
+                self._retry_busy(lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+                _sync_directory(self.path)
+            self._shm_inode = self._inode_of(self.path + "-shm")
         except BaseException:
             conn.close()
             raise
         return conn
 
-    def _move_aside(self, why: str) -> None:
-        """Rename a corrupt outbox (and its WAL) out of the way, once, whoever sees it first."""
+    def _check_is_outbox(self, conn: sqlite3.Connection, version: int) -> None:
+        """Refuse a database that is not an outbox: it belongs to another program."""
+        ((app_id,),) = conn.execute("PRAGMA application_id").fetchall()
+        if app_id == APPLICATION_ID:
+            return
+        if app_id == 0:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = {name for (name,) in rows}
+            if version == 0 and not tables and not self._inspect_only:
+                return  # empty: a new outbox
+            if version > 0 and tables >= _OUR_TABLES:
+                return  # made before the marker; marked by _migrate
+        raise StoreError(
+            f"{self.path} is not a whisperr_durable outbox (another program's database?); "
+            "it is left untouched"
+        )
+
+    def _move_aside(self, why: str, stranded: Optional[int] = 0) -> None:
+        """Rename a corrupt outbox (and its WAL) out of the way, once, whoever sees it first.
+
+        ``stranded``: how many ops of this key it held, as the connection that found it
+        corrupt could count them (None: unknown), counted as lost once it is moved.
+        """
         import filelock
 
+        message = None
         with filelock.FileLock(f"{self.path}.repair.lock", timeout=self._store_timeout, mode=0o600):
-            if self._inode and os.stat(self.path).st_ino != self._inode:
-                return  # another process moved it aside already
-            if self._checks_out():
+            if self._inode and self._inode_of(self.path) != self._inode:
+                aside = "another name, by another process"
+            elif self._checks_out():
                 # One bad read is not a bad file: never move a file others are using well.
                 log.warning("whisperr_durable: SQLite said %r, but %s checks out", why, self.path)
                 return
-            aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-            os.rename(self.path, aside)
-            with suppress(FileNotFoundError):
-                os.rename(self.path + "-wal", aside + "-wal")
-            with suppress(FileNotFoundError):
-                os.unlink(self.path + "-shm")  # an index of the WAL, rebuilt on open
-        message = f"{self.path} was not a usable outbox ({why}); moved aside to {aside}"
-        log.warning("whisperr_durable: %s", message)
-        if self._report is not None:
-            self._report(message)
+            else:
+                aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+                os.rename(self.path, aside)
+                with suppress(FileNotFoundError):
+                    os.rename(self.path + "-wal", aside + "-wal")
+                with suppress(FileNotFoundError):
+                    os.unlink(self.path + "-shm")  # an index of the WAL, rebuilt on open
+                message = f"{self.path} was not a usable outbox ({why}); moved aside to {aside}"
+        if message is not None:
+            log.warning("whisperr_durable: %s", message)
+            if self._report is not None:
+                self._report("store_error", message)
+        self._count_stranded(stranded, f"was found corrupt and moved aside to {aside}")
 
     def _checks_out(self) -> bool:
         """Whether a fresh connection finds the file sound (a cost paid only on suspicion)."""
@@ -418,11 +716,15 @@ class Outbox:
         except sqlite3.Error:
             return False
 
-    def _same_file(self) -> bool:
+    @staticmethod
+    def _inode_of(name: str) -> int:
         try:
-            return os.stat(self.path).st_ino == self._inode
+            return os.stat(name).st_ino
         except FileNotFoundError:
-            return False
+            return 0
+
+    def _same_file(self) -> bool:
+        return self._inode_of(self.path) == self._inode
 
     def _check_version(self, conn: sqlite3.Connection) -> int:
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -434,13 +736,18 @@ class Outbox:
         return version
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
-        if self._retry_busy(lambda: self._check_version(conn)) == SCHEMA_VERSION:
+        def current() -> bool:
+            ((app_id,),) = conn.execute("PRAGMA application_id").fetchall()
+            return self._check_version(conn) == SCHEMA_VERSION and app_id == APPLICATION_ID
+
+        if self._retry_busy(current):
             return
         # Under the write lock: of several processes opening the file at once, the first
         # migrates and the others find the work done.
         self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = self._check_version(conn)
+            self._check_is_outbox(conn, version)
             for step in _MIGRATIONS[version:]:
                 if callable(step):
                     step(conn)
@@ -448,6 +755,7 @@ class Outbox:
                     for statement in step:
                         conn.execute(statement)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -503,14 +811,25 @@ class Outbox:
             raise self._store_error(exc) from exc
 
     def _store_error(self, exc: BaseException) -> StoreError:
-        if _is_corrupt(exc) and self._conn is not None and not self._inspect_only:
-            # Found corrupt in use: set it aside so that the next call starts afresh.
+        conn = self._conn
+        if _is_corrupt(exc) and conn is not None and not self._inspect_only:
+            # Found corrupt in use: set it aside so that the next call starts afresh. The
+            # connection is closed first: once the file is renamed, closing it could delete
+            # the WAL of a new file by its name.
+            stranded = self._stranded(conn)
             self.close()
             try:
-                self._move_aside(str(exc))
+                self._move_aside(str(exc), stranded)
             except OSError as move_error:  # filelock.Timeout is an OSError too
                 log.warning("whisperr_durable: could not move %s aside: %s", self.path, move_error)
-        return StoreError(f"{type(exc).__name__}: {exc}")
+        elif _is_sticky(exc):
+            # A connection remembers some failures ("attempt to write a readonly database"
+            # lasts as long as it does): the next attempt starts on a fresh one.
+            self.close()
+        text = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, (sqlite3.OperationalError, PermissionError)) and not _is_busy(exc):
+            text += f" ({_access_note(self.path)})"
+        return StoreError(text)
 
     def open(self) -> None:
         """Open (and create or migrate) the file now rather than on first use."""
@@ -520,10 +839,13 @@ class Outbox:
         with self._guard:
             conn, self._conn = self._conn, None
             if conn is not None and self._pid == os.getpid():
-                try:
-                    conn.close()
-                except sqlite3.Error:
-                    log.debug("closing the outbox failed", exc_info=True)
+                self._close_connection(conn)
+
+    def _close_connection(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.close()
+        except sqlite3.Error:
+            log.debug("closing the outbox failed", exc_info=True)
 
     # ---- the write path ----
 
@@ -560,8 +882,19 @@ class Outbox:
         ((oldest,),) = conn.execute(f"SELECT min(id) FROM {self._table}").fetchall()
         if oldest is None or oldest > cutoff:
             return 0
+        hint_oldest, hint_through = self._evict_hint
+        if oldest == hint_oldest and cutoff <= hint_through:
+            return 0  # what is left at or below the bound is what a sender is delivering
         top = min(cutoff + max_queue_size // 100, oldest + max(added, _EVICT_PER_CALL) - 1)
-        evicted = conn.execute(f"DELETE FROM {self._table} WHERE id <= ?", (top,)).rowcount
+        # Rows under a live lease are on their way to the server: evicting them would count
+        # as lost ops that are delivered. They go only if their sender gives them back.
+        now_ms = utc_now_ms()
+        evicted = conn.execute(
+            f"DELETE FROM {self._table} WHERE id <= ? AND NOT (lease_owner IS NOT NULL "
+            "AND lease_until_ms > ? AND lease_until_ms <= ?)",
+            (top, now_ms, now_ms + _MAX_LEASE_MS),
+        ).rowcount
+        self._evict_hint = (oldest, top)
         if evicted:
             self._bump(conn, "evicted", evicted)
         return evicted
@@ -595,15 +928,19 @@ class Outbox:
         moved to the dead letters on the way, since the server would refuse them.
         """
         with self._write() as conn:
+            # The body as bytes: a row that is not valid UTF-8 must not fail the whole read.
             head = conn.execute(
-                "SELECT id, kind, body, created_ms, attempts, lease_owner, lease_until_ms "
-                f"FROM {self._table} ORDER BY id LIMIT ?",
+                "SELECT id, kind, CAST(body AS BLOB), created_ms, attempts, lease_owner, "
+                f"lease_until_ms FROM {self._table} ORDER BY id LIMIT ?",
                 (max_rows,),
             ).fetchall()
             batch: list[Row] = []
             expired: list[int] = []
+            damaged: list[int] = []
             size = 0
             for op_id, kind, body, created_ms, attempts, lease_owner, lease_until in head:
+                if not isinstance(lease_until, int):
+                    lease_until = 0
                 # A lease further ahead than any sender gives means the clock went back.
                 leased = (
                     not take_over
@@ -612,6 +949,9 @@ class Outbox:
                 )
                 if leased:
                     break
+                if not _sound(kind, body, created_ms, attempts):
+                    damaged.append(op_id)
+                    continue
                 if kind == TRACK and created_ms < now_ms - max_age_ms:
                     expired.append(op_id)
                     continue
@@ -623,15 +963,19 @@ class Outbox:
                     break
                 batch.append(Row(op_id, kind, body, created_ms, attempts))
                 size += len(body) + 2
-            for op_id in expired:
-                self._move_to_dead_letters(conn, op_id, op_id, None, None, _EXPIRED, now_ms)
+            pruned = 0
+            for ids, reason in ((expired, _EXPIRED), (damaged, _DAMAGED)):
+                for op_id in ids:
+                    pruned += self._move_to_dead_letters(
+                        conn, op_id, op_id, None, None, reason, now_ms
+                    )[1]
             if batch:
                 conn.execute(
                     f"UPDATE {self._table} SET lease_owner = ?, lease_until_ms = ? "
                     "WHERE id BETWEEN ? AND ?",
                     (owner, now_ms + lease_ms, batch[0].id, batch[-1].id),
                 )
-        return Claim(batch, len(expired))
+        return Claim(batch, len(expired), len(damaged), pruned)
 
     def ack(self, first_id: int, last_id: int, owner: str) -> int:
         """Delete a delivered run of rows that ``owner`` still holds (rows evicted since, or
@@ -668,9 +1012,10 @@ class Outbox:
         status: Optional[int],
         reason: str,
         now_ms: int,
-    ) -> int:
+    ) -> tuple[int, int]:
         """Move a run of rows the server refused, that ``owner`` holds, to the (bounded)
-        dead-letter table."""
+        dead-letter table. Returns ``(moved, pruned)``: how many rows moved, and how many of
+        the oldest dead letters the bound removed to make room."""
         with self._write(same_file=True) as conn:
             return self._move_to_dead_letters(
                 conn, first_id, last_id, owner, status, reason, now_ms
@@ -685,7 +1030,7 @@ class Outbox:
         status: Optional[int],
         reason: str,
         now_ms: int,
-    ) -> int:
+    ) -> tuple[int, int]:
         held = owner is not None
         where = "WHERE id BETWEEN ? AND ?" + (" AND lease_owner = ?" if held else "")
         rows = (first_id, last_id, owner) if held else (first_id, last_id)
@@ -697,13 +1042,18 @@ class Outbox:
             (self.key_fp, now_ms, status, reason, *rows),
         )
         moved = conn.execute(f"DELETE FROM {self._table} {where}", rows).rowcount
-        # Keep this key's newest max_dead_letters.
-        conn.execute(
+        if not moved:
+            return 0, 0
+        self._bump(conn, "refused", moved)
+        # Keep this key's newest max_dead_letters; what goes is counted, never silent.
+        pruned = conn.execute(
             "DELETE FROM dead_letters WHERE key_fp = ? AND id <= (SELECT id FROM dead_letters "
             "WHERE key_fp = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
             (self.key_fp, self.key_fp, self._max_dead_letters),
-        )
-        return moved
+        ).rowcount
+        if pruned:
+            self._bump(conn, "pruned", pruned)
+        return moved, pruned
 
     # ---- reading ----
 
@@ -726,23 +1076,56 @@ class Outbox:
         ((version,),) = self._read("PRAGMA user_version")
         return int(version)
 
+    def has_pending(self) -> bool:
+        """Whether this key has any op queued (one look at the head of the index)."""
+        ((any_row,),) = self._read(f"SELECT EXISTS (SELECT 1 FROM {self._table})")
+        return bool(any_row)
+
+    def head(self) -> Optional[tuple[int, Optional[str], int]]:
+        """``(id, lease_owner, lease_until_ms)`` of this key's oldest queued op."""
+        rows = self._read(
+            f"SELECT id, lease_owner, lease_until_ms FROM {self._table} ORDER BY id LIMIT 1"
+        )
+        return (rows[0][0], rows[0][1], int(rows[0][2] or 0)) if rows else None
+
+    def counters(self) -> dict[str, int]:
+        """This key's running totals: ``evicted``, ``refused`` (moved to the dead letters)
+        and ``pruned`` (dead letters removed by ``max_dead_letters``)."""
+        rows = self._read("SELECT name, n FROM counters WHERE key_fp = ?", (self.key_fp,))
+        return {str(name): int(n) for name, n in rows}
+
     def stats(self) -> Stats:
         kinds = dict(self._read(f"SELECT kind, count(*) FROM {self._table} GROUP BY kind"))
         ((oldest,),) = self._read(f"SELECT min(created_ms) FROM {self._table}")
         ((dead,),) = self._read(
             "SELECT count(*) FROM dead_letters WHERE key_fp = ?", (self.key_fp,)
         )
-        evicted = self._read(
-            "SELECT n FROM counters WHERE key_fp = ? AND name = 'evicted'", (self.key_fp,)
-        )
+        counters = self.counters()
         return Stats(
             pending_tracks=int(kinds.get(TRACK, 0)),
             pending_identifies=int(kinds.get(IDENTIFY, 0)),
             oldest_created_ms=oldest,
             dead_letters=int(dead),
-            evicted=int(evicted[0][0]) if evicted else 0,
+            evicted=counters.get("evicted", 0),
             schema_version=self.schema_version(),
+            refused=counters.get("refused", 0),
+            dead_letters_pruned=counters.get("pruned", 0),
+            lost=self.lost,
         )
+
+    def sync_wal(self) -> None:
+        """fsync the WAL: with ``synchronous=NORMAL`` a commit reaches the disk only when a
+        checkpoint syncs it, so this bounds what a power cut can take. (SQLite holds no lock
+        on the ``-wal`` file, so opening and closing a descriptor of it is harmless.)"""
+        with self._sqlite_errors():
+            try:
+                fd = os.open(self.path + "-wal", os.O_RDONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                return
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         return self.all_dead_letters(limit, self.key_fp)
@@ -829,24 +1212,31 @@ class Outbox:
         """``(id, key_fp, kind, body, created_ms, attempts)`` of the next ops: each key's in
         delivery (id) order, the keys' merged by age."""
         queues = [
-            self._read(
-                f"SELECT id, ?, kind, body, created_ms, attempts FROM {table} "
-                "ORDER BY id LIMIT ?",
-                (fp, limit),
-            )
+            [
+                (op_id, fp, kind, _text(body), created_ms, attempts)
+                for op_id, kind, body, created_ms, attempts in self._read(
+                    f"SELECT id, kind, CAST(body AS BLOB), created_ms, attempts FROM {table} "
+                    "ORDER BY id LIMIT ?",
+                    (limit,),
+                )
+            ]
             for fp, table in self._queues(key_fp)
         ]
-        return list(itertools.islice(heapq.merge(*queues, key=lambda r: r[4]), limit))
+        return list(
+            itertools.islice(heapq.merge(*queues, key=lambda r: _int_or_zero(r[4])), limit)
+        )
 
     def all_dead_letters(self, limit: Optional[int], key_fp: Optional[str]) -> list[DeadLetter]:
         where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
         rows = self._read(
-            "SELECT id, op_id, kind, body, created_ms, failed_ms, attempts, status, reason, "
-            f"key_fp FROM dead_letters {where} ORDER BY id LIMIT ?",
+            "SELECT id, op_id, kind, CAST(body AS BLOB), created_ms, failed_ms, attempts, "
+            f"status, reason, key_fp FROM dead_letters {where} ORDER BY id LIMIT ?",
             (*params, -1 if limit is None else limit),
         )
         return [
-            DeadLetter(r[0], r[1], "identify" if r[2] == IDENTIFY else "track", *r[3:])
+            DeadLetter(
+                r[0], r[1], "identify" if r[2] == IDENTIFY else "track", _text(r[3]), *r[4:]
+            )
             for r in rows
         ]
 
@@ -927,6 +1317,12 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     # Every guard afresh: one we could not take is held by a thread the child does not have.
     _held_for_fork.clear()
+    # The child's connections are its own, opened afresh, and so are its counts.
+    global _LOST_LOCK
+    _LOST_LOCK = threading.Lock()
+    _UNSAFE.clear()
+    _LOST.clear()
+    _STRANDED_SEEN.clear()
     for outbox in list(_live_outboxes):
         outbox._guard = threading.RLock()
 

@@ -11,6 +11,7 @@ from ._options import BACKOFF_CAP, BACKOFF_JITTER, RETRY_AFTER_CAP
 OK = "ok"  # delivered: remove for good
 RETRY = "retry"  # 429, 5xx, network error, timeout: try again later
 AUTH = "auth"  # 401, 403: stop delivering, keep everything
+CONFIG = "config"  # 404, 405: the URL is wrong, not the events: pause, keep everything
 DROP = "drop"  # any other 4xx: the server will never take it
 
 
@@ -20,6 +21,11 @@ def classify(status: int) -> str:
         return OK
     if status in (401, 403):
         return AUTH
+    if status in (404, 405):
+        # The ingestion routes exist and take POST: such an answer comes from a wrong
+        # base_url or a gateway in front of the API (during a deploy, say). Dropping the
+        # ops would empty the queue into the dead letters in a fraction of a second.
+        return CONFIG
     if status == 429 or status >= 500:
         return RETRY
     if 400 <= status < 500:

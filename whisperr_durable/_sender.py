@@ -1,10 +1,16 @@
-"""The background sender: wake, claim, send, ack or release. The only module with a thread.
+"""The background sender: wake, lead, claim, send, ack or release. The module with the threads.
 
 One daemon thread per client and process. It wakes when ``flush_at`` ops have been added,
-every ``flush_interval``, and on ``flush()``; it then drains the outbox from the head until
-it is empty or delivery cannot proceed. Backoff is a time before which the thread does not
-send (it never sleeps with a batch in hand), so a flush or a shutdown is never stuck behind
-it. A flush reports progress to its waiters through a condition variable.
+every ``flush_interval``, on ``flush()``, to retry after a failure, to store ops held in
+memory while the file failed, and to fsync the WAL ``sync_interval`` after ops arrive. A
+send cycle drains the outbox from the head until it is empty or delivery cannot proceed,
+then delivers from memory what the file could not take. Backoff is a time before which the
+thread does not send (it never sleeps with a batch in hand), so a flush or a shutdown is
+never stuck behind it. A flush reports progress to its waiters through a condition variable.
+
+A second, idle daemon thread, the watchdog, cuts a request that overruns its deadline:
+httpx's timeouts bound each read, so a server that trickles a byte at a time would otherwise
+hold a request (and the sender lock, which every other process waits for) for ever.
 """
 
 from __future__ import annotations
@@ -13,7 +19,8 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Union
 
 from . import _retry
 from ._errors import WhisperrError
@@ -23,10 +30,13 @@ from ._options import (
     MAX_EVENT_AGE,
     MAX_LEASE,
     PAUSE_AFTER_FAILURE,
+    STORE_RETRY_INTERVAL,
     Options,
+    wait_seconds,
 )
 from ._outbox import Outbox, Row, StoreError
 from ._wire import IDENTIFY, batch_body, utc_now_ms
+from ._writer import Op, Writer
 
 if TYPE_CHECKING:
     from ._lock import SenderLock
@@ -37,14 +47,22 @@ log = logging.getLogger("whisperr_durable")
 # Sent when the server answers 400 or 413 to a batch of several events: split it to find
 # the bad ones and deliver the rest.
 _SPLIT_STATUSES = (400, 413)
+# Refused requests in a row that go out at full speed: enough for the halving search for
+# one bad event in a batch of 500. Beyond, each request waits a backoff, so that a server
+# (or a gateway) that refuses everything does not get hundreds of requests a second.
+_FREE_REFUSALS = 16
 # How often a flush waiter looks again while another process holds the head of the queue.
 _POLL_WHILE_WAITING = 0.1
 # A lease outlives one request's timeout by this much.
 _LEASE_SLACK = 5.0
+# A request ends at most this long after its timeout, however the server trickles.
+_REQUEST_SLACK = 0.5
 # A long drain checkpoints after this many batches (the end of each cycle does too).
 _CHECKPOINT_EVERY_BATCHES = 8
 # The soonest a failed request is tried again, whatever Retry-After says.
 _MIN_RETRY_DELAY = 0.01
+# A failing disk fails every cycle: its log line is repeated at most this often.
+_LOG_QUIET = 60.0
 
 
 # pending(exact): how many ops the flush waits for; with exact=False, any non-zero number
@@ -55,25 +73,129 @@ Pending = Callable[[bool], int]
 class FlushResult(NamedTuple):
     """What ``flush()`` came to.
 
-    ``pending`` ops enqueued before the flush are still in the outbox (0 means all were
-    delivered or dead-lettered); ``reason`` says why it stopped short: ``"auth"``,
-    ``"retry_exhausted"``, ``"timeout"``, ``"store"`` (the outbox could not be read) or
-    ``"stopped"`` (the sender is not running).
+    ``pending`` ops enqueued before the flush are still queued (0 means none is); ``reason``
+    says why it stopped short: ``"auth"``, ``"config"`` (the server answered 404 or 405: a
+    wrong ``base_url``), ``"retry_exhausted"``, ``"timeout"``, ``"store"`` (the outbox could
+    not be used), ``"stopped"`` (the sender is not running) or ``"reentered"`` (called from a
+    signal handler that interrupted this client in the same thread). ``refused``: ops the
+    server refused (moved to the dead letters) while it ran; ``lost``: ops that will never be
+    delivered (evicted, dropped from memory, left in a replaced file) while it ran. It is
+    truthy only when every op was delivered: nothing pending, refused or lost.
     """
 
     pending: int = 0
     reason: Optional[str] = None
+    refused: int = 0
+    lost: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.pending == 0 and self.reason is None
+        return self.pending == 0 and self.reason is None and not self.refused and not self.lost
 
     def __bool__(self) -> bool:
         return self.ok
 
 
+class _FileBatch:
+    """Rows claimed from the outbox under our lease."""
+
+    def __init__(self, outbox: Outbox, owner: str, lease_ms: int, rows: list[Row]) -> None:
+        self._outbox, self._owner, self._lease_ms = outbox, owner, lease_ms
+        self._last = rows[-1].id
+
+    def renew(self, first: int) -> bool:
+        until = utc_now_ms() + self._lease_ms
+        return self._outbox.renew(first, self._last, self._owner, until) > 0
+
+    def ack(self, first: int, last: int) -> None:
+        self._outbox.ack(first, last, self._owner)
+
+    def refuse(self, first: int, last: int, status: Optional[int], why: str) -> tuple[int, int]:
+        return self._outbox.dead_letter(first, last, self._owner, status, why, utc_now_ms())
+
+    def give_back(self, first: int, *, failed: bool) -> None:
+        self._outbox.release(first, self._last, self._owner, failed=failed)
+
+
+class _HeldBatch:
+    """Ops delivered from memory, while the outbox cannot be written (ids are their seqs)."""
+
+    def __init__(self, writer: Writer, taken: list[tuple[int, Op]]) -> None:
+        self._writer = writer
+        self._left = dict(taken)  # not yet settled
+
+    def _take(self, first: int, last: int) -> list[tuple[int, Op]]:
+        part = [(seq, op) for seq, op in self._left.items() if first <= seq <= last]
+        for seq, _ in part:
+            del self._left[seq]
+        return part
+
+    def renew(self, first: int) -> bool:
+        return True
+
+    def ack(self, first: int, last: int) -> None:
+        self._writer.settle_held(self._take(first, last), delivered=True)
+
+    def refuse(self, first: int, last: int, status: Optional[int], why: str) -> tuple[int, int]:
+        part = self._take(first, last)
+        # No dead letters can be written: the refusal is reported, the ops are gone.
+        self._writer.settle_held(part, delivered=False, refused=True)
+        return len(part), 0
+
+    def give_back(self, first: int, *, failed: bool) -> None:
+        if self._left:
+            self._writer.settle_held(self._take(first, max(self._left)), delivered=False)
+
+
+_Batch = Union[_FileBatch, _HeldBatch]
+
+
+class _Watchdog:
+    """Cuts (``Transport.abort``) a request still running at its deadline."""
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self._cond = threading.Condition()
+        self._deadline: Optional[float] = None
+        self._thread: Optional[threading.Thread] = None
+        self.fired = False
+
+    def arm(self, seconds: float) -> None:
+        with self._cond:
+            self.fired = False
+            if self._thread is None:
+                thread = threading.Thread(
+                    target=self._run, name="whisperr-durable-watchdog", daemon=True
+                )
+                try:
+                    thread.start()
+                except RuntimeError:  # interpreter shutdown: the read timeout alone bounds it
+                    return
+                self._thread = thread
+            self._deadline = time.monotonic() + seconds
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                self._deadline = None
+                self.fired = True
+                self._transport.abort()
+
+
 class Sender:
-    """Delivers one key's ops from one outbox file."""
+    """Delivers one key's ops from one outbox file (and, while it fails, from memory)."""
 
     def __init__(
         self,
@@ -81,18 +203,16 @@ class Sender:
         key_fp: str,
         transport: Transport,
         lock: SenderLock,
+        writer: Writer,
         report: Callable[[WhisperrError], None],
-        on_wake: Callable[[], None] = lambda: None,
-        report_store: Optional[Callable[[str], None]] = None,
     ) -> None:
         self._options = options
         self._key_fp = key_fp
         self._lease_ms = int(min(options.request_timeout + _LEASE_SLACK, MAX_LEASE) * 1000)
         self._transport = transport
         self._lock = lock
+        self._writer = writer
         self._report = report
-        self._on_wake = on_wake
-        self._report_store = report_store
         self._reset()
 
     def _reset(self) -> None:
@@ -101,18 +221,39 @@ class Sender:
         self._owner = f"{self._pid}-{os.urandom(6).hex()}"
         self._wake = threading.Event()
         self._send_wanted = False
+        self._checkpoint_wanted = False
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
+        self._watchdog = _Watchdog(self._transport)
+        self._interval_due = time.monotonic() + self._options.flush_interval
+        self._sync_due: Optional[float] = None
         self._failures = 0
+        self._failed = 0  # failed requests, in all
+        self._fresh_attempt = False  # a flush asked for one: no backoff, a new retry budget
+        self._refusals = 0  # refused requests in a row
         self._not_before = 0.0
+        self._retry_pending = False  # a send is due at _not_before
         self._retry_after_until = 0.0
         self._progress = 0
+        # Why delivery last could not proceed. A flush heeds a block by the server (auth,
+        # config, exhausted retries: how many so far) met after it began, even by a cycle
+        # begun before it: the answer is fresh. It heeds a failure of the file only if met
+        # by a cycle begun after it did (``_store_blocked_in``): the file may have
+        # recovered since an earlier cycle looked.
+        self._cycles = 0
         self._blocked = 0
+        self._store_blocked_in = 0
         self._blocked_reason: Optional[str] = None
         self._waiters = 0
-        self._store_error_logged = ""
-        self._store_error_quiet_until = 0.0
+        # The trouble of the moment, logged once when it begins and once when it ends.
+        self._trouble: Optional[str] = None
+        self._trouble_since = 0.0
+        self._store_trouble: Optional[str] = None
+        self._store_logged_at = 0.0
+        # Who held the sender lock without progress, and since when (monotonic).
+        self._stalled_head: Optional[tuple[int, Optional[str], int]] = None
+        self._stalled_since = 0.0
         # Per request of the current batch: None for a success, else what went wrong.
         self._noted: list[Optional[str]] = []
 
@@ -129,7 +270,18 @@ class Sender:
     def checkpoint_soon(self) -> None:
         """Wake the thread to checkpoint the WAL (and not to send), so that no caller's
         commit ever has to."""
+        self._checkpoint_wanted = True
         self._wake.set()
+
+    def store_soon(self) -> None:
+        """Ops are held in memory: wake the thread to plan its next try at the file."""
+        self._wake.set()
+
+    def sync_soon(self) -> None:
+        """Ops were committed: have the WAL fsynced within ``sync_interval``."""
+        if self._sync_due is None and not self._options.fsync:
+            self._sync_due = time.monotonic() + self._options.sync_interval
+            self._wake.set()
 
     def start(self) -> bool:
         """Start the thread if it is not running; ``False`` if it cannot be started."""
@@ -137,7 +289,11 @@ class Sender:
             self._reset()
         if self._thread is not None or self._stop.is_set():
             return self._thread is not None
-        with self._cond:
+        # Not blocking: a signal handler that tracks while its thread is starting the sender
+        # here would otherwise wait for itself. Whoever holds the lock is starting it.
+        if not self._cond.acquire(blocking=False):
+            return True
+        try:
             if self._thread is not None:
                 return True
             thread = threading.Thread(target=self._run, name="whisperr-durable-sender", daemon=True)
@@ -146,6 +302,8 @@ class Sender:
             except RuntimeError:  # interpreter shutdown
                 return False
             self._thread = thread
+        finally:
+            self._cond.release()
         return True
 
     def flush(
@@ -162,10 +320,12 @@ class Sender:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             # An explicit flush tries now, with a fresh retry budget, unless the server
-            # asked for a pause with Retry-After.
-            self._failures = 0
+            # asked for a pause with Retry-After (the next cycle to begin sees to it: a
+            # cycle still running may yet back off).
+            self._fresh_attempt = True
             self._not_before = self._retry_after_until
-            blocked_at_start = self._blocked
+            first_cycle = self._cycles + 1
+            blocked_at_start, failed_at_start = self._blocked, self._failed
             self._waiters += 1
         try:
             if not self.start():
@@ -174,14 +334,16 @@ class Sender:
             while True:
                 with self._cond:
                     seen = self._progress
-                    blocked = self._blocked != blocked_at_start
+                    blocked = (
+                        self._blocked != blocked_at_start or self._store_blocked_in >= first_cycle
+                    )
                 # Counted after the block was seen, so the count is not older than it.
                 left = pending(False)
                 if left == 0:
                     return FlushResult()
                 if blocked:
                     return FlushResult(pending(True), self._blocked_reason)
-                if not retry and self._failures:
+                if not retry and self._failed != failed_at_start:
                     return FlushResult(pending(True), "retry_exhausted")
                 with self._cond:
                     remaining = None if deadline is None else deadline - time.monotonic()
@@ -190,10 +352,11 @@ class Sender:
                     if self._thread is None or not self._thread.is_alive():
                         return FlushResult(pending(True), "stopped")
                     if self._progress == seen:
-                        self._cond.wait(remaining)
+                        self._cond.wait(None if remaining is None else wait_seconds(remaining))
         finally:
             with self._cond:
                 self._waiters -= 1
+                self._fresh_attempt = False  # not for a cycle after this flush
 
     def _flush_inline(
         self, pending: Pending, deadline: Optional[float], retry: bool
@@ -204,21 +367,23 @@ class Sender:
             while True:
                 if self._stop.is_set():
                     return FlushResult(pending(True), "stopped")
-                blocked = self._blocked
-                self._on_wake()
-                self._cycle(outbox, deadline)
+                blocked, failed = self._blocked, self._failed
+                first_cycle = self._cycles + 1
+                self._send_cycle(outbox, deadline, store_now=True)
                 left = pending(False)
                 if left == 0:
                     return FlushResult()
-                if self._blocked != blocked:
+                if self._blocked != blocked or self._store_blocked_in >= first_cycle:
                     return FlushResult(pending(True), self._blocked_reason)
-                if not retry and self._failures:
+                if not retry and self._failed != failed:
                     return FlushResult(pending(True), "retry_exhausted")
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     return FlushResult(pending(True), "timeout")
                 wait = max(self._not_before - now, _POLL_WHILE_WAITING)
-                self._stop.wait(wait if deadline is None else min(wait, deadline - now))
+                if deadline is not None:
+                    wait = min(wait, deadline - now)
+                self._stop.wait(wait_seconds(wait))
         finally:
             outbox.close()
 
@@ -228,7 +393,7 @@ class Sender:
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            thread.join(wait_seconds(timeout))
         if thread is None or not thread.is_alive():
             self._transport.close()
 
@@ -241,7 +406,7 @@ class Sender:
             fsync=self._options.fsync,
             store_timeout=self._options.store_timeout,
             max_dead_letters=self._options.max_dead_letters,
-            report=self._report_store,
+            report=lambda kind, message: self._report(WhisperrError(kind, message)),
         )
 
     def _run(self) -> None:
@@ -250,57 +415,157 @@ class Sender:
             while not self._stop.is_set():
                 woken = self._wake.wait(self._next_wait())
                 self._wake.clear()
-                send, self._send_wanted = not woken or self._send_wanted, False
                 if self._stop.is_set():
                     break
+                now = time.monotonic()
+                send = (
+                    self._send_wanted
+                    or now >= self._interval_due
+                    or (self._retry_pending and now >= self._not_before)
+                    # A flush waits: look again (another process may lead, or have stalled).
+                    or (self._waiters > 0 and not woken)
+                )
+                checkpoint = send or self._checkpoint_wanted
+                self._send_wanted = self._checkpoint_wanted = False
                 try:
                     if send:
-                        self._on_wake()
-                        self._cycle(outbox)
-                    outbox.checkpoint()
+                        self._interval_due = now + self._options.flush_interval
+                        self._send_cycle(outbox)
+                    else:
+                        self._writer.store_held()  # due every STORE_RETRY_INTERVAL
+                    self._sync_if_due(outbox)
+                    if checkpoint:
+                        outbox.checkpoint()
                 except StoreError as exc:
-                    self._log_store_error(str(exc))
+                    self._store_failed(str(exc))
                 except Exception:  # the thread must outlive any bug in one cycle
                     log.exception("whisperr_durable: the sender hit an unexpected error")
                 with self._cond:
                     self._progress += 1
                     self._cond.notify_all()
         finally:
+            self._sync_if_due(outbox, now=True)
             outbox.close()
 
-    def _log_store_error(self, text: str) -> None:
-        # A failing disk fails every cycle: say so once a minute, not ten times a second.
-        now = time.monotonic()
-        if text != self._store_error_logged or now >= self._store_error_quiet_until:
-            log.warning("whisperr_durable: the outbox is not usable: %s", text)
-            self._store_error_logged = text
-            self._store_error_quiet_until = now + 60.0
-        else:
-            log.debug("the outbox is not usable: %s", text)
-
     def _next_wait(self) -> float:
+        now = time.monotonic()
+        due = [self._interval_due]
+        if self._retry_pending:
+            due.append(self._not_before)
+        if self._sync_due is not None:
+            due.append(self._sync_due)
+        store_try = self._writer.next_store_try()
+        if store_try is not None:
+            due.append(store_try)
+        # At least once a second: ops a signal handler set aside wake nothing (it may not
+        # take the lock an Event.set() needs), and wait here for the next pass.
+        wait = min(min(due) - now, STORE_RETRY_INTERVAL)
+        if self._waiters:
+            wait = min(wait, _POLL_WHILE_WAITING)
+        return wait_seconds(max(wait, 0.0))
+
+    def _sync_if_due(self, outbox: Outbox, *, now: bool = False) -> None:
+        due = self._sync_due
+        if due is None or (not now and time.monotonic() < due):
+            return
+        self._sync_due = None  # before the sync: an op committed from here on asks again
+        try:
+            outbox.sync_wal()
+        except StoreError as exc:
+            log.debug("syncing the WAL failed: %s", exc)
+
+    def _send_cycle(
+        self, outbox: Outbox, deadline: Optional[float] = None, *, store_now: bool = False
+    ) -> None:
+        """Held ops to the file if it takes them, the file's queue, then from memory what
+        the file could not take."""
         with self._cond:
-            until = self._not_before - time.monotonic()
-            if until > 0 and self._failures:  # a retry is due then
-                return until
-            wait = self._options.flush_interval
-            if self._waiters:
-                wait = min(wait, _POLL_WHILE_WAITING)
-        return min(wait, until) if until > 0 else wait
+            self._cycles += 1
+            if self._fresh_attempt:
+                self._fresh_attempt = False
+                self._failures = 0
+                self._not_before = self._retry_after_until
+        self._retry_pending = False
+        self._writer.store_held(now=store_now or self._waiters > 0)
+        failed: Optional[str] = None
+        try:
+            self._cycle(outbox, deadline)
+        except StoreError as exc:
+            failed = str(exc)
+        self._deliver_held(deadline)
+        # Told after the held ops went: a flush waiting on the file returns once they did.
+        if failed is None:
+            self._store_works()
+        else:
+            self._store_failed(failed)
+
+    def _store_failed(self, text: str) -> None:
+        """The sender cannot use the file: report it once per episode (unless the writer
+        already did: it is the same file), log it once a minute, and let a flush waiting on
+        the file know."""
+        now = time.monotonic()
+        first = self._store_trouble is None
+        if first or text != self._store_trouble or now >= self._store_logged_at + _LOG_QUIET:
+            log.warning("whisperr_durable: the sender cannot use the outbox: %s", text)
+            self._store_logged_at = now
+        else:
+            log.debug("the sender cannot use the outbox: %s", text)
+        self._store_trouble = text
+        if first and self._writer.report_store_trouble():
+            self._report(WhisperrError("store_error", f"the sender cannot use the outbox: {text}"))
+        with self._cond:
+            self._store_blocked_in = self._cycles
+            self._blocked_reason = "store"
+            self._cond.notify_all()
+
+    def _store_works(self) -> None:
+        self._writer.store_works()
+        if self._store_trouble is not None:
+            self._store_trouble = None
+            log.warning("whisperr_durable: the sender can use the outbox again")
 
     def _cycle(self, outbox: Outbox, deadline: Optional[float] = None) -> None:
-        """Lead, if no other process does, and drain from the head."""
+        """Lead, if no other process does (or the one that does has stalled), and drain."""
         if time.monotonic() < self._not_before:
             return
         lead = self._lock.try_acquire()
         if lead is False:
-            return  # another process is sending this key's ops; a flush waiter polls
+            if not self._leader_stalled(outbox):
+                return  # another process is sending this key's ops; a flush waiter polls
+            lead = None  # deliver with row leases alone, as where locking is unavailable
         try:
             # Holding the lock, any lease we find is a dead sender's: take its rows at once.
             self._drain(outbox, lead is True, deadline)
         finally:
             if lead:
                 self._lock.release()
+
+    def _leader_stalled(self, outbox: Outbox) -> bool:
+        """Whether the process holding the sender lock has made no progress for longer than a
+        lease: stopped (SIGSTOP), or frozen. A live sender's request ends within its timeout,
+        and its lease is renewed or its rows acked; the head of the queue then changes."""
+        head = outbox.head()
+        now = time.monotonic()
+        if head is None:
+            self._stalled_head = None
+            return False
+        if head != self._stalled_head:
+            self._stalled_head, self._stalled_since = head, now
+            return False
+        _, owner, until_ms = head
+        now_ms = utc_now_ms()
+        if owner is not None and now_ms < until_ms <= now_ms + int(MAX_LEASE * 1000):
+            return False  # a lease still runs: its holder may yet deliver
+        if now - self._stalled_since < self._lease_ms / 1000:
+            return False
+        log.warning(
+            "whisperr_durable: the process holding %s has made no progress for %.0f s; "
+            "delivering with row leases alone",
+            self._lock.path,
+            now - self._stalled_since,
+        )
+        self._stalled_since = now  # said once per lease period
+        return True
 
     def _record(self, outbox: Outbox) -> None:
         """Leave what a batch came to in the file, for ``whisperr-durable status``."""
@@ -325,7 +590,9 @@ class Sender:
                 return
             claim = outbox.claim(
                 self._owner,
-                max_rows=options.max_batch_size,
+                # While the server refuses everything, one op a request: each refusal is
+                # then final, and the backoff between them paces the whole queue.
+                max_rows=1 if self._refusals >= _FREE_REFUSALS else options.max_batch_size,
                 max_bytes=MAX_BATCH_BYTES,
                 lease_ms=self._lease_ms,
                 max_age_ms=int((MAX_EVENT_AGE - EXPIRY_MARGIN) * 1000),
@@ -340,33 +607,116 @@ class Sender:
                         "moved to the dead letters",
                     )
                 )
+            if claim.damaged:
+                log.warning(
+                    "whisperr_durable: %d queued row(s) of %s are damaged (not an op's wire "
+                    "JSON); moved to the dead letters",
+                    claim.damaged,
+                    outbox.path,
+                )
+                self._report(
+                    WhisperrError(
+                        "dropped",
+                        f"{claim.damaged} damaged row(s) moved to the dead letters",
+                    )
+                )
+            self._note_pruned(claim.pruned)
             if not claim.rows:
-                if claim.expired:
+                if claim.expired or claim.damaged:
                     continue  # more may be behind them
                 return
-            outcome = self._deliver(outbox, claim.rows, deadline)
+            batch = _FileBatch(outbox, self._owner, self._lease_ms, claim.rows)
+            outcome = self._deliver(batch, claim.rows, deadline)
             self._record(outbox)  # before a flush waiter hears of it
             batches += 1
             if batches % _CHECKPOINT_EVERY_BATCHES == 0:  # keeps a long drain's WAL short
                 outbox.checkpoint()
-            if outcome is None:
-                self._failures = 0
-            else:
-                self._after_failure(outcome)
-            with self._cond:
-                self._progress += 1
-                self._cond.notify_all()
-            if outcome is not None:
+            if self._settled(outcome):
                 return
+
+    def _deliver_held(self, deadline: Optional[float]) -> None:
+        """While the file cannot be written, deliver the ops held in memory, in order: the
+        durable SDK must never do worse than the in-memory one."""
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now < self._not_before or (deadline is not None and now >= deadline):
+                return
+            taken = self._writer.take_held(self._options.max_batch_size, MAX_BATCH_BYTES)
+            if not taken:
+                return
+            rows = [
+                Row(seq, kind, body.encode("ascii"), created_ms, 0)
+                for seq, (kind, body, created_ms) in taken
+            ]
+            batch = _HeldBatch(self._writer, taken)
+            try:
+                outcome = self._deliver(batch, rows, deadline)
+            finally:
+                batch.give_back(rows[0].id, failed=False)  # whatever is left, if anything
+            if self._settled(outcome):
+                return
+
+    def _settled(self, outcome: Optional[Outcome]) -> bool:
+        """Note what a batch came to and tell the waiters; whether to stop sending."""
+        if outcome is None:
+            self._failures = 0
+        else:
+            self._after_failure(outcome)
+        with self._cond:
+            self._progress += 1
+            self._cond.notify_all()
+        return outcome is not None or time.monotonic() < self._not_before
+
+    def _note_pruned(self, pruned: int) -> None:
+        if pruned:
+            log.warning(
+                "whisperr_durable: the dead letters are full (max_dead_letters=%d): removed "
+                "the %d oldest",
+                self._options.max_dead_letters,
+                pruned,
+            )
+            self._report(
+                WhisperrError(
+                    "dropped",
+                    f"dead letters full: removed the {pruned} oldest "
+                    f"(max_dead_letters={self._options.max_dead_letters})",
+                )
+            )
+
+    def _trouble_begins(self, cause: str) -> None:
+        if self._trouble is None:
+            log.warning("whisperr_durable: %s", cause)
+            self._trouble_since = time.monotonic()
+        self._trouble = cause
+
+    def _trouble_over(self) -> None:
+        if self._trouble is not None:
+            log.warning(
+                "whisperr_durable: delivery works again after %.0f s",
+                time.monotonic() - self._trouble_since,
+            )
+            self._trouble = None
 
     def _after_failure(self, outcome: Outcome) -> None:
         now = time.monotonic()
         with self._cond:
+            self._retry_pending = True
+            self._failed += 1
             if outcome.retry_after is not None:
                 self._retry_after_until = now + outcome.retry_after
-            if outcome.kind == _retry.AUTH:
+            if outcome.kind in (_retry.AUTH, _retry.CONFIG):
                 self._not_before = now + PAUSE_AFTER_FAILURE
-                error = WhisperrError("auth", "delivery paused: API key rejected", outcome.status)
+                if outcome.kind == _retry.AUTH:
+                    cause = f"the server rejected the API key (HTTP {outcome.status})"
+                else:
+                    cause = (
+                        f"the server answered HTTP {outcome.status} to "
+                        f"{self._options.base_url}: the base_url is probably wrong (or a "
+                        "gateway in front of the API fails)"
+                    )
+                error = WhisperrError(
+                    outcome.kind, f"delivery paused: {cause}; the ops stay queued", outcome.status
+                )
             else:
                 self._failures += 1
                 if self._failures <= self._options.max_retries:
@@ -378,11 +728,13 @@ class Sender:
                     return
                 self._failures = 0
                 self._not_before = now + max(PAUSE_AFTER_FAILURE, outcome.retry_after or 0.0)
+                cause = f"the API is unreachable or failing ({outcome.detail})"
                 error = WhisperrError(
                     "retry_exhausted",
                     f"delivery failed after retries ({outcome.detail}); the ops stay queued",
                     outcome.status,
                 )
+        self._trouble_begins(f"{cause}; delivery paused, the ops stay queued")
         # Report first, so that a flush() that returns "blocked" finds on_error already run.
         self._report(error)
         with self._cond:
@@ -392,59 +744,87 @@ class Sender:
             self._cond.notify_all()
 
     def _deliver(
-        self, outbox: Outbox, rows: list[Row], deadline: Optional[float]
+        self, batch: _Batch, rows: list[Row], deadline: Optional[float]
     ) -> Optional[Outcome]:
-        """Send claimed rows; ``None`` when all were delivered or dead-lettered.
+        """Send claimed rows; ``None`` when all were delivered or refused, or the rest were
+        given back to slow down (``_not_before`` then says until when).
 
         A 400 or 413 on several events splits the batch in halves until the bad events are
-        alone; those go to the dead letters and the rest are delivered.
+        alone; those are refused and the rest are delivered.
         """
         todo = [rows]
         while todo:
             part = todo.pop()
             first, last = part[0].id, part[-1].id
-            if part is not rows and not outbox.renew(
-                first, rows[-1].id, self._owner, utc_now_ms() + self._lease_ms
-            ):
-                return None  # the rows were evicted or taken over: nothing left to send
+            if part is not rows and not batch.renew(first):
+                return None  # the rows were taken over: nothing left to send
             outcome = self._post(part, deadline)
             self._noted.append(None if outcome.kind == _retry.OK else outcome.detail)
             if outcome.kind == _retry.OK:
-                outbox.ack(first, last, self._owner)
+                batch.ack(first, last)
+                self._refusals = 0
+                self._trouble_over()
                 log.debug("delivered %d op(s)", len(part))
             elif outcome.kind == _retry.DROP:
+                self._refusals += 1
                 if len(part) > 1 and outcome.status in _SPLIT_STATUSES:
                     half = len(part) // 2
                     todo += [part[half:], part[:half]]
-                    continue
-                now_ms = utc_now_ms()
-                moved = outbox.dead_letter(
-                    first, last, self._owner, outcome.status, outcome.detail, now_ms
-                )
-                if moved:  # none if they were evicted while in flight (reported then)
-                    log.warning(
-                        "whisperr_durable: the server refused %d op(s) (%s); "
-                        "moved to the dead letters",
-                        moved,
-                        outcome.detail,
-                    )
-                    self._report(
-                        WhisperrError(
-                            "dropped",
-                            f"the server refused {moved} op(s) ({outcome.detail})",
-                            outcome.status,
-                        )
-                    )
+                else:
+                    moved, pruned = batch.refuse(first, last, outcome.status, outcome.detail)
+                    self._note_refused(moved, outcome, kept=isinstance(batch, _FileBatch))
+                    self._note_pruned(pruned)
+                if self._refusals >= _FREE_REFUSALS:
+                    self._slow_down(batch, todo[-1][0].id if todo else None)
+                    return None
             else:
                 # Everything from here on is given back, in order, for a later attempt.
-                outbox.release(first, rows[-1].id, self._owner, failed=True)
+                batch.give_back(first, failed=True)
                 return outcome
         return None
 
-    def _post(self, part: list[Row], deadline: Optional[float]) -> Outcome:
+    def _slow_down(self, batch: _Batch, first: Optional[int]) -> None:
+        """Too many refusals in a row: give the rest (from ``first``) back and wait before
+        the next request."""
+        delay = _retry.backoff(self._refusals - _FREE_REFUSALS + 1)
+        if first is not None:
+            batch.give_back(first, failed=False)
+        with self._cond:
+            self._not_before = time.monotonic() + max(delay, _MIN_RETRY_DELAY)
+            self._retry_pending = True
+        self._trouble_begins(
+            f"the server refused {self._refusals} requests in a row; slowing down"
+        )
+
+    def _note_refused(self, moved: int, outcome: Outcome, *, kept: bool) -> None:
+        if not moved:  # taken over by another sender meanwhile (it reports them)
+            return
+        where = "moved to the dead letters" if kept else "not kept: the outbox cannot be written"
+        log.warning(
+            "whisperr_durable: the server refused %d op(s) (%s); %s", moved, outcome.detail, where
+        )
+        self._report(
+            WhisperrError(
+                "dropped", f"the server refused {moved} op(s) ({outcome.detail})", outcome.status
+            )
+        )
+
+    def _post(self, part: Sequence[Row], deadline: Optional[float]) -> Outcome:
         timeout = self._options.request_timeout
         if deadline is not None:  # an inline flush at exit must not overrun its budget
             timeout = max(0.001, min(timeout, deadline - time.monotonic()))
         if part[0].kind == IDENTIFY:
-            return self._transport.post("/v1/identify", part[0].body.encode("ascii"), timeout)
-        return self._transport.post("/v1/events/batch", batch_body([r.body for r in part]), timeout)
+            path, body = "/v1/identify", part[0].body
+        else:
+            path, body = "/v1/events/batch", batch_body([r.body for r in part])
+        self._watchdog.arm(timeout + _REQUEST_SLACK)
+        try:
+            outcome = self._transport.post(path, body, timeout)
+        finally:
+            self._watchdog.disarm()
+        if self._watchdog.fired and outcome.kind == _retry.RETRY:
+            return outcome._replace(
+                detail=f"no complete answer within {timeout:g}s (the server kept the "
+                "request open)"
+            )
+        return outcome

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 import time
-from typing import NamedTuple, Optional
+import weakref
+from contextlib import suppress
+from typing import Any, NamedTuple, Optional
 
 import httpx
 
@@ -17,6 +21,9 @@ log = logging.getLogger("whisperr_durable")
 # Sent on every request: the CDN in front of the ingestion API refuses some library
 # default user agents, which would look like a rejected key.
 USER_AGENT = f"whisperr-durable-python/{__version__}"
+# The status decides; the body is read only so that the connection can be reused, and
+# only this much of it: a huge answer (a misrouted URL, a lying proxy) must not cost memory.
+MAX_RESPONSE_BYTES = 64 * 1024
 
 
 class Outcome(NamedTuple):
@@ -44,31 +51,74 @@ class Transport:
         self._api_key = api_key
         self._client: Optional[httpx.Client] = None
         self._pid = 0
+        # The sockets of this client's connections, so that abort() can cut them from
+        # another thread: shutting a socket down wakes a read blocked on it at once.
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._sockets_lock = threading.Lock()
+        self._extensions = {"trace": self._trace}
 
     def _http(self) -> httpx.Client:
         if self._client is None or self._pid != os.getpid():
             # A client inherited through fork shares sockets with the parent: never reuse it.
             self._client = httpx.Client(transport=self._transport, headers=self._headers)
             self._pid = os.getpid()
+            with self._sockets_lock:
+                self._sockets = weakref.WeakSet()
         return self._client
+
+    def _trace(self, event: str, info: dict[str, Any]) -> None:
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            stream = info.get("return_value")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if isinstance(sock, socket.socket):
+                with self._sockets_lock:
+                    self._sockets.add(sock)
 
     def post(self, path: str, body: bytes, timeout: float) -> Outcome:
         try:
-            response = self._http().post(self._base_url + path, content=body, timeout=timeout)
+            with self._http().stream(
+                "POST",
+                self._base_url + path,
+                content=body,
+                timeout=timeout,
+                extensions=self._extensions,
+            ) as response:
+                status = response.status_code
+                retry_after = response.headers.get("Retry-After")
+                _read_some(response)
         except Exception as exc:  # httpx's, or a custom transport's bug: never lose the batch
             # Error texts can quote headers: the key must not reach a log or on_error.
             detail = f"{type(exc).__name__}: {exc}".replace(self._api_key, "<api key>")
             log.debug("request failed: %s", detail)
             return Outcome(RETRY, detail=detail)
-        status = response.status_code
         return Outcome(
             classify(status),
             status=status,
-            retry_after=parse_retry_after(response.headers.get("Retry-After"), time.time()),
+            retry_after=parse_retry_after(retry_after, time.time()),
             detail=f"HTTP {status}",
         )
+
+    def abort(self) -> None:
+        """Cut every connection of the current client, from any thread: a request blocked on
+        one of them fails at once (httpx's timeouts bound each read, not a whole request,
+        so a server that trickles bytes would otherwise keep it open)."""
+        with self._sockets_lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None and self._pid == os.getpid():
             client.close()
+
+
+def _read_some(response: httpx.Response) -> None:
+    """Read at most MAX_RESPONSE_BYTES of the body; leaving the rest unread closes the
+    connection instead of reusing it."""
+    read = 0
+    for chunk in response.iter_bytes():
+        read += len(chunk)
+        if read >= MAX_RESPONSE_BYTES:
+            return

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta, timezone
 from datetime import time as dtime
 from decimal import Decimal
+from types import TracebackType
 from typing import Any, Optional
 
 from ._options import MAX_OP_BYTES
@@ -42,15 +44,34 @@ def message_id() -> str:
 
 
 def format_timestamp(epoch_ms: int) -> str:
-    """RFC 3339 UTC with exactly three fraction digits and ``Z``."""
+    """RFC 3339 UTC with exactly three fraction digits and ``Z`` (years 1 to 9999)."""
     seconds, millis = divmod(epoch_ms, 1000)
     return f"{_second(seconds)}.{millis:03d}Z"
 
 
+_EPOCH = datetime(1970, 1, 1)
+_UTC_EPOCH = _EPOCH.replace(tzinfo=timezone.utc)
+_MILLISECOND = timedelta(milliseconds=1)
+# The instants format_timestamp() can write: 0001-01-01T00:00:00.000Z to 9999-12-31T23:59:59.999Z.
+_MIN_MS = (datetime(1, 1, 1) - _EPOCH) // _MILLISECOND
+_MAX_MS = (datetime(9999, 12, 31, 23, 59, 59, 999_000) - _EPOCH) // _MILLISECOND
+
+
 @functools.lru_cache(maxsize=4)
 def _second(seconds: int) -> str:
-    # Calls come many to a second: format each second once.
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    # Calls come many to a second: format each second once. Not time.strftime(): "%Y" does
+    # not pad a year before 1000 on every platform, and gmtime() fails before 1970 on some.
+    return (_EPOCH + timedelta(seconds=seconds)).isoformat()
+
+
+# Integers of more digits are rejected: Python 3.11+ (and 3.9.14+, 3.10.7+) refuses to write
+# them by default, and without that limit int -> text takes time quadratic in the digits.
+_MAX_INT_DIGITS = 4300
+_INT_BOUND = 10**_MAX_INT_DIGITS
+_NEG_INT_BOUND = -_INT_BOUND  # not negated per call: that builds a 4300-digit int
+# Value types whose JSON text needs no look inside (int is checked against _INT_BOUND).
+_SCALARS = frozenset((str, float, bool, type(None)))
+_CONTAINERS = (dict, list, tuple)
 
 
 def _json_default(value: Any) -> Any:
@@ -58,41 +79,229 @@ def _json_default(value: Any) -> Any:
     from uuid import UUID  # here, not at import: few events carry one
 
     if isinstance(value, datetime):
-        if value.tzinfo is None:
+        if value.utcoffset() is None:  # naive, whether or not it has a tzinfo
             return value.isoformat()
-        return format_timestamp(_floor_ms(value))
+        epoch_ms = _floor_ms(value)
+        if not _MIN_MS <= epoch_ms <= _MAX_MS:
+            raise InvalidOp("an aware datetime outside the years 1 to 9999 in UTC")
+        return format_timestamp(epoch_ms)
     if isinstance(value, (date, dtime)):
         return value.isoformat()
     if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise ValueError(f"Decimal {value} is not a JSON number")
-        return int(value) if value == value.to_integral_value() else float(value)
+        return _decimal_number(value)
     if isinstance(value, UUID):
         return str(value)
     if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"a value of type {type(value).__name__} is not JSON serialisable")
+        converted = dict(value)
+        _check_tree(converted)
+        return converted
+    raise InvalidOp(f"not JSON serialisable: a value of type {type(value).__name__[:100]}")
+
+
+def _decimal_number(value: Decimal) -> Any:
+    # Never int(value) for a huge exponent: it takes seconds for 1E+300000.
+    if not value.is_finite():
+        raise InvalidOp("a Decimal NaN or infinity is not a JSON number")
+    if value.is_zero():
+        return 0
+    if value == value.to_integral_value():
+        digits = value.adjusted() + 1
+        if digits > _MAX_INT_DIGITS:
+            raise InvalidOp(f"a Decimal of more than {_MAX_INT_DIGITS} digits is not encoded")
+        if digits <= 40:
+            return int(value)
+        # int(Decimal) is quadratic in the digits; through text it is several times faster.
+        return int(format(value.to_integral_value(), "f"))
+    # Over 1E+309 a float is inf, and json would refuse it (after a float() as long as it).
+    number = float(value) if value.adjusted() < 309 else math.inf
+    if math.isinf(number):
+        raise InvalidOp("a Decimal too large for a JSON number")
+    return number
 
 
 def _floor_ms(value: datetime) -> int:
-    # Truncate (never round) sub-millisecond digits, as for occurred_at.
-    whole = value.replace(microsecond=0)
-    return int(whole.timestamp()) * 1000 + value.microsecond // 1000
+    # Truncate (never round) sub-millisecond digits, as for occurred_at. Exact: no float, and
+    # floored even before 1970 or for an offset of a fraction of a second.
+    return (value - _UTC_EPOCH) // _MILLISECOND
+
+
+def _check(tree: dict[Any, Any]) -> None:
+    """Reject what ``json`` would write with a duplicate key or take too long to write.
+
+    The common case, a flat dict of str keys and scalar values, is one pass over it.
+    """
+    for key, value in tree.items():
+        if type(key) is str:
+            kind = type(value)
+            if kind in _SCALARS:
+                continue
+            if kind is int and _NEG_INT_BOUND < value < _INT_BOUND:
+                continue
+        _check_tree(tree)
+        return
+
+
+def _check_tree(root: dict[Any, Any]) -> None:
+    """:func:`_check` for any tree: every dict and list inside, as ``json`` will walk them.
+
+    Keys that collide once written as JSON strings (``1`` and ``"1"``, ``True`` and
+    ``"true"``, ``None`` and ``"null"``, ``1.0`` and ``"1.0"``) are rejected: parsers differ on
+    which of the two a duplicate key keeps. Mappings that are not dicts are checked when
+    ``_json_default`` converts them; values of other types are left to the encoder.
+    """
+    # Every container met, held so that its id is not reused while we walk. A container
+    # met twice is checked once: json rejects a cycle itself.
+    seen: dict[int, Any] = {id(root): root}
+    todo: list[Any] = [root]
+    while todo:
+        node = todo.pop()
+        kind = type(node)
+        values: Iterable[Any]
+        if kind is dict:
+            for key in node:
+                if type(key) is not str:
+                    _check_keys(node.items())
+                    break
+            values = node.values()
+        elif kind is list or kind is tuple:
+            values = node
+        elif isinstance(node, dict):
+            # json writes a dict subclass from its items(), and so do we.
+            pairs = list(node.items())
+            _check_keys(pairs)
+            values = [value for _, value in pairs]
+        else:
+            # And a list or tuple subclass from its iterator.
+            values = list(node)
+        for value in values:
+            kind = type(value)
+            if kind in _SCALARS:
+                continue
+            if kind is int and _NEG_INT_BOUND < value < _INT_BOUND:
+                continue
+            if kind is dict or kind is list or kind is tuple or isinstance(value, _CONTAINERS):
+                if id(value) not in seen:
+                    seen[id(value)] = value
+                    todo.append(value)
+            elif isinstance(value, int):  # too long, or an int subclass (bool is a scalar)
+                _check_int(value)
+
+
+def _check_keys(pairs: Iterable[tuple[Any, Any]]) -> None:
+    # The JSON text of each key, converted as json converts it.
+    texts: set[str] = set()
+    for key, _ in pairs:
+        if isinstance(key, str):
+            text = str.__str__(key)
+        elif isinstance(key, float):
+            if not math.isfinite(key):
+                continue  # json rejects it
+            text = float.__repr__(key)
+        elif key is True:
+            text = "true"
+        elif key is False:
+            text = "false"
+        elif key is None:
+            text = "null"
+        elif isinstance(key, int):
+            _check_int(key)
+            text = int.__repr__(key)
+        else:
+            continue  # json rejects it
+        if text in texts:
+            raise InvalidOp("two keys of one object are the same JSON string (e.g. 1 and '1')")
+        texts.add(text)
+
+
+def _check_int(value: int) -> None:
+    if not _NEG_INT_BOUND < value < _INT_BOUND:
+        raise InvalidOp(f"an integer of more than {_MAX_INT_DIGITS} digits is not encoded")
 
 
 # One encoder for every op: json.dumps() with options builds a new one per call. Its output
 # is json.dumps()'s own (the same separators and ASCII escaping).
 _ENCODER = json.JSONEncoder(allow_nan=False, default=_json_default)
+_JSON_ERRORS = (TypeError, ValueError, OverflowError, RecursionError)
 
 
-def _dumps(obj: Any) -> str:
+def _dumps(obj: Any, tree: dict[Any, Any], other: Optional[dict[Any, Any]] = None) -> str:
+    """``obj`` as JSON, after checking ``tree`` and ``other``: the caller's dicts inside it."""
     try:
+        _check(tree)
+        if other:
+            _check(other)
         text = _ENCODER.encode(obj)
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        raise InvalidOp(f"not JSON serialisable: {exc}") from None
+    except _JSON_ERRORS as exc:
+        raise _invalid(exc) from None
     if len(text) > MAX_OP_BYTES:
         raise InvalidOp(f"encoded op is {len(text)} bytes, over the {MAX_OP_BYTES} byte limit")
     return text
+
+
+def _invalid(exc: BaseException) -> InvalidOp:
+    # The text of our own InvalidOp, and of json's own errors (a circular reference, a key of
+    # a type it refuses, a float out of range, an int over the digit limit, nesting too
+    # deep), names no caller data. Anything raised from the caller's code (a Mapping's
+    # __getitem__, a dict subclass's items(), an isoformat()) may: it is only described.
+    module = _innermost_module(exc)
+    if isinstance(exc, InvalidOp) and module == __name__:
+        return exc
+    text = None
+    if type(exc) in _JSON_ERRORS and module == "json.encoder":
+        try:
+            text = str(exc)
+        except Exception:
+            text = None
+    return InvalidOp(f"not JSON serialisable: {text or describe_error(exc)}")
+
+
+def _innermost(exc: BaseException) -> Optional[TracebackType]:
+    tb = exc.__traceback__
+    if not isinstance(tb, TracebackType):
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
+
+
+def _innermost_module(exc: BaseException) -> Any:
+    try:
+        tb = _innermost(exc)
+        return None if tb is None else tb.tb_frame.f_globals.get("__name__")
+    except Exception:
+        return None
+
+
+def describe_error(exc: BaseException) -> str:
+    """Name an exception's type and where it was raised, never its text; never raises.
+
+    For exceptions from the caller's objects (a Mapping, a ``default``-encoded value, a
+    callback): their text may carry the caller's data (``KeyError: 'ada@example.com'``),
+    so a log line or an ``on_error`` message gets only ``"KeyError raised at models.py:42
+    in Profile.__getitem__"``: the exception's type (module-qualified unless built in) and
+    the innermost traceback frame's file name, line and function.
+    """
+    try:
+        kind = type(exc)
+        name = kind.__qualname__
+        module = kind.__module__
+        if not isinstance(name, str):
+            name = "exception"
+        elif isinstance(module, str) and module != "builtins":
+            name = f"{module}.{name}"
+    except Exception:
+        name = "exception"
+    try:
+        tb = _innermost(exc)
+        if tb is None:
+            return f"{name} (no traceback)"
+        code = tb.tb_frame.f_code
+        line = tb.tb_lineno
+        where = f"{os.path.basename(code.co_filename)}:{line if isinstance(line, int) else '?'}"
+        function = getattr(code, "co_qualname", code.co_name)
+        return f"{name} raised at {where} in {function}"
+    except Exception:
+        return name
 
 
 def _require_user_id(external_user_id: Any) -> None:
@@ -136,7 +345,8 @@ def encode_track(
         # The caller's context keys win over the SDK's keys, never over $message_id.
         "context": {**environment, **ctx, "$message_id": msg_id},
     }
-    return _dumps(event)
+    # The SDK's own keys are strings: only the caller's keys can collide.
+    return _dumps(event, props, ctx)
 
 
 def _wire_channel(channel: Any) -> dict[str, Any]:
@@ -159,7 +369,12 @@ def _wire_channel(channel: Any) -> dict[str, Any]:
         if flag in out and not isinstance(out[flag], bool):
             raise InvalidOp(f"channel {flag} must be a bool")
     if kind == "push":
-        out.update((k, channel[k]) for k in _PUSH_FIELDS if k in channel)
+        for field in _PUSH_FIELDS:
+            if field in channel:
+                value = channel[field]
+                if not isinstance(value, str):
+                    raise InvalidOp(f"push channel {field} must be a string")
+                out[field] = value
     return out
 
 
@@ -193,12 +408,13 @@ def encode_identify(
         wire_channels = [_wire_channel(c) for c in channels]
         if wire_channels:
             body["channels"] = wire_channels
-    return _dumps(body)
+    return _dumps(body, body)
 
 
-def batch_body(events: Sequence[str]) -> bytes:
-    """``{"events": [...]}`` from stored event JSON, byte for byte as ``json.dumps`` writes it."""
-    return ('{"events": [' + ", ".join(events) + "]}").encode("ascii")
+def batch_body(events: Sequence[bytes]) -> bytes:
+    """``{"events": [...]}`` from stored event JSON (ASCII bytes), byte for byte as
+    ``json.dumps`` writes it."""
+    return b'{"events": [' + b", ".join(events) + b"]}"
 
 
 def utc_now_ms() -> int:

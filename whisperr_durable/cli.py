@@ -43,11 +43,11 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import IO, TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar
 
 from ._errors import WhisperrError
 from ._options import DEFAULT_BASE_URL
-from ._outbox import DeadLetter, StoreError
+from ._outbox import DeadLetter, Stats, StoreError
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ EXIT_BAD_OUTBOX = 4
 EXIT_AUTH = 5
 EXIT_UNREACHABLE = 6
 EXIT_TIMEOUT = 7
+EXIT_REFUSED = 8
+EXIT_WRONG_URL = 9
 
 EXIT_CODES = """\
 exit codes:
@@ -77,7 +79,10 @@ exit codes:
      a directory, or it cannot be written
   5  the server rejected the API key (HTTP 401/403)
   6  the server is unreachable or kept failing (retries exhausted)
-  7  flush timed out with ops still queued"""
+  7  flush timed out with ops still queued
+  8  flush delivered what it could, but the server refused some ops (now in the dead
+     letters) or some were lost (evicted, dropped)
+  9  the server answered 404 or 405: --base-url (or $WHISPERR_BASE_URL) is wrong"""
 
 ENVIRONMENT = """\
 environment:
@@ -536,6 +541,13 @@ def cmd_dead_letters_purge(args: argparse.Namespace) -> int:
     return _mend(args, "purge", key)
 
 
+def _client_stats(path: str, client: DurableWhisperr) -> Stats:
+    stats = client.stats()
+    if stats.error is not None:
+        raise _unusable(path, StoreError(stats.error))
+    return stats
+
+
 def _store_call(path: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
@@ -612,7 +624,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
     )
     started_ms = _now_ms()
     try:
-        before = _store_call(path, client.stats)
+        before = _client_stats(path, client)
         if before.pending == 0:
             others = sum(k.pending for k in everyone.keys)
             note = f" ({_plural(others, 'op')} of other keys left alone)" if others else ""
@@ -624,28 +636,35 @@ def cmd_flush(args: argparse.Namespace) -> int:
         else:
             result = client.flush(timeout)
         took = time.monotonic() - started
-        after = _store_call(path, client.stats)
+        after = _client_stats(path, client)
     finally:
         client.shutdown(timeout=0)
-    refused = max(0, after.dead_letters - before.dead_letters)
-    if result.ok:
-        delivered = max(0, before.pending - after.pending - refused)
+    if result.pending == 0 and result.reason is None:
+        delivered = max(0, before.pending - after.pending - result.refused - result.lost)
         line = f"delivered {_plural(delivered, 'op')} in {took:.1f}s"
-        if refused:
+        if result.refused:
             line += (
-                f"; the server refused {_plural(refused, 'op')}, now in the dead letters "
-                f"(see '{PROG} dead-letters list')"
+                f"; the server refused {_plural(result.refused, 'op')}, now in the dead "
+                f"letters (see '{PROG} dead-letters list')"
             )
+        if result.lost:
+            line += f"; {_plural(result.lost, 'op')} lost (evicted or dropped)"
         if after.pending:
             line += f"; {_plural(after.pending, 'op')} queued since the flush began"
         print(line)
-        return EXIT_OK
+        return EXIT_REFUSED if result.refused or result.lost else EXIT_OK
     left = f"{_plural(result.pending, 'op')} still queued"
     last_error = _last_error(path, key, started_ms) or _error_text(errors, result.reason)
     because = f" (last error: {last_error})" if last_error else ""
     if result.reason == "auth":
         raise CliError(
             EXIT_AUTH, f"flush stopped: the server rejected the API key{because}; {left}"
+        )
+    if result.reason == "config":
+        raise CliError(
+            EXIT_WRONG_URL,
+            f"flush stopped: {_base_url(args)} answered 404/405, so the URL is wrong (check "
+            f"--base-url or WHISPERR_BASE_URL){because}; {left}",
         )
     if result.reason == "retry_exhausted":
         raise CliError(
@@ -739,6 +758,32 @@ def _wrap(text: str) -> str:
     return textwrap.fill(text, 78)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse quotes the arguments it cannot place ("invalid choice: 'wrk_...'" for a key
+    given before the command): an API key is never printed."""
+
+    secrets: tuple[str, ...] = ()
+
+    def error(self, message: str) -> NoReturn:
+        for secret in _Parser.secrets:
+            message = message.replace(secret, "<api key>")
+        super().error(message)
+
+
+def _secrets(argv: Sequence[str]) -> tuple[str, ...]:
+    """The API keys in ``argv`` and the environment, wherever argparse may place them."""
+    found = [os.environ.get("WHISPERR_API_KEY", "")]
+    for i, arg in enumerate(argv):
+        option, has_value, value = arg.partition("=")
+        # "--api-k": argparse takes any unambiguous abbreviation.
+        if len(option) > 2 and "--api-key".startswith(option):
+            if has_value:
+                found.append(value)
+            elif i + 1 < len(argv):
+                found.append(argv[i + 1])
+    return tuple(sorted({k.strip() for k in found if k.strip()}, key=len, reverse=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     # --path and --debug are taken before or after the command: on a command they are
     # SUPPRESSed when absent, so that they never overwrite the value given before it.
@@ -749,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     formatter = argparse.RawDescriptionHelpFormatter
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Look into, deliver and mend a whisperr_durable outbox file.",
         epilog=f"{ENVIRONMENT}\n\n{EXIT_CODES}",
@@ -940,6 +985,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    _Parser.secrets = _secrets(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if getattr(args, "passthrough", False):
