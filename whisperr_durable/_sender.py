@@ -229,7 +229,7 @@ class Sender:
         self._interval_due = time.monotonic() + self._options.flush_interval
         self._sync_due: Optional[float] = None
         self._failures = 0
-        self._failed = 0  # failed requests, in all
+        self._failed = 0  # requests that failed and may be retried, in all
         self._fresh_attempt = False  # a flush asked for one: no backoff, a new retry budget
         self._refusals = 0  # refused requests in a row
         self._not_before = 0.0
@@ -701,7 +701,6 @@ class Sender:
         now = time.monotonic()
         with self._cond:
             self._retry_pending = True
-            self._failed += 1
             if outcome.retry_after is not None:
                 self._retry_after_until = now + outcome.retry_after
             if outcome.kind in (_retry.AUTH, _retry.CONFIG):
@@ -719,6 +718,7 @@ class Sender:
                 )
             else:
                 self._failures += 1
+                self._failed += 1  # a failed attempt: a flush with retry=False stops
                 if self._failures <= self._options.max_retries:
                     delay = outcome.retry_after
                     if delay is None:
