@@ -65,6 +65,7 @@ def make_client(args: dict[str, Any]) -> DurableWhisperr:
         "flush_at",
         "flush_interval",
         "max_batch_size",
+        "max_queue_size",
         "request_timeout",
         "shutdown_timeout",
     ):

@@ -34,7 +34,7 @@ from whisperr_durable._outbox import (
     StoreError,
     _queue_table,
 )
-from whisperr_durable._wire import IDENTIFY, TRACK
+from whisperr_durable._wire import IDENTIFY, TRACK, utc_now_ms
 
 KEY = "fp-aaaa"
 OTHER_KEY = "fp-bbbb"
@@ -1245,3 +1245,22 @@ def test_a_full_queue_makes_room_for_the_next_percent_at_once(outbox: Outbox) ->
     assert outbox.stats().pending == limit
     first_id = results[0][0]
     assert sorted(raw_ops(outbox.path)) == [first_id + n for n in range(6, limit + 6)]
+
+
+def test_eviction_leaves_a_batch_in_flight_alone_in_every_life_of_the_queue(
+    outbox: Outbox,
+) -> None:
+    # A queue that empties starts its ids again at 1, and the same sender may lease the new
+    # head: what eviction remembers of the first lease must not spare the second queue.
+    now = utc_now_ms()
+    for life in range(2):
+        appended = [outbox.append(TRACK, body(n), now, 4) for n in range(4)]
+        assert [op_id for op_id, _ in appended] == [1, 2, 3, 4]
+        assert ids(claim(outbox, now_ms=now + life, max_rows=1)) == [1]  # in flight
+        assert outbox.append(TRACK, body(4), now, 4)[1] == 0  # only the leased op is older
+        assert outbox.append(TRACK, body(5), now, 4)[1] == 1  # the oldest one not leased
+        assert sorted(raw_ops(outbox.path)) == [1, 3, 4, 5, 6]
+        c = claim(outbox, now_ms=now + life)  # the rest, with the one in flight
+        assert outbox.ack(c.rows[0].id, c.rows[-1].id, "owner-a") == 5  # delivered
+        assert outbox.stats().pending == 0
+    assert outbox.stats().evicted == 2

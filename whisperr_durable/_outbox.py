@@ -501,9 +501,11 @@ class Outbox:
         self._pid = 0
         self._inode = 0
         self._shm_inode = 0
-        # Eviction's memory of rows it had to leave (leased when it ran): (oldest id then,
-        # evicted through), so that a full queue does not rescan them on every append.
-        self._evict_hint = (0, 0)
+        # Eviction's memory of rows it had to leave (leased when it ran): the lease on the
+        # oldest row then (id, owner, expiry) and how far it evicted, so that a full queue
+        # does not rescan them on every append. An id can come back (a queue that empties
+        # starts again at 1), with the same owner: the expiry tells one lease from another.
+        self._evict_hint: tuple[tuple[int, Optional[str], Any], int] = ((0, None, 0), 0)
         # Held around every use of the connection, so that a fork can wait for it to be idle.
         self._guard = threading.RLock()
         _live_outboxes.add(self)
@@ -879,11 +881,15 @@ class Outbox:
         cutoff = newest - max_queue_size
         if cutoff <= 0:
             return 0
-        ((oldest,),) = conn.execute(f"SELECT min(id) FROM {self._table}").fetchall()
-        if oldest is None or oldest > cutoff:
+        head = conn.execute(
+            f"SELECT id, lease_owner, lease_until_ms FROM {self._table} ORDER BY id LIMIT 1"
+        ).fetchall()
+        if not head or head[0][0] > cutoff:
             return 0
-        hint_oldest, hint_through = self._evict_hint
-        if oldest == hint_oldest and cutoff <= hint_through:
+        oldest, owner, until = head[0]
+        lease = (oldest, owner, until)
+        hint_lease, hint_through = self._evict_hint
+        if owner is not None and lease == hint_lease and cutoff <= hint_through:
             return 0  # what is left at or below the bound is what a sender is delivering
         top = min(cutoff + max_queue_size // 100, oldest + max(added, _EVICT_PER_CALL) - 1)
         # Rows under a live lease are on their way to the server: evicting them would count
@@ -894,7 +900,7 @@ class Outbox:
             "AND lease_until_ms > ? AND lease_until_ms <= ?)",
             (top, now_ms, now_ms + _MAX_LEASE_MS),
         ).rowcount
-        self._evict_hint = (oldest, top)
+        self._evict_hint = (lease, top)
         if evicted:
             self._bump(conn, "evicted", evicted)
         return evicted

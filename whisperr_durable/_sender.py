@@ -77,10 +77,12 @@ class FlushResult(NamedTuple):
     says why it stopped short: ``"auth"``, ``"config"`` (the server answered 404 or 405: a
     wrong ``base_url``), ``"retry_exhausted"``, ``"timeout"``, ``"store"`` (the outbox could
     not be used), ``"stopped"`` (the sender is not running) or ``"reentered"`` (called from a
-    signal handler that interrupted this client in the same thread). ``refused``: ops the
-    server refused (moved to the dead letters) while it ran; ``lost``: ops that will never be
-    delivered (evicted, dropped from memory, left in a replaced file) while it ran. It is
-    truthy only when every op was delivered: nothing pending, refused or lost.
+    signal handler that interrupted this client in the same thread). ``refused``: ops of
+    this key the server refused (moved to the dead letters) while it ran; ``lost``: ops of
+    this key that will never be delivered (evicted, dropped from memory, left in a replaced
+    file) while it ran. Both count every such op of the key, by any process, not only the
+    ops enqueued before the flush. It is truthy only when nothing is pending and nothing was
+    refused or lost.
     """
 
     pending: int = 0
@@ -151,19 +153,21 @@ _Batch = Union[_FileBatch, _HeldBatch]
 
 
 class _Watchdog:
-    """Cuts (``Transport.abort``) a request still running at its deadline."""
+    """Cuts (``Transport.abort``) a request still running at its deadline. Its thread is
+    made on the first request and ends with the sender (``close``)."""
 
     def __init__(self, transport: Transport) -> None:
         self._transport = transport
         self._cond = threading.Condition()
         self._deadline: Optional[float] = None
         self._thread: Optional[threading.Thread] = None
+        self._closed = False
         self.fired = False
 
     def arm(self, seconds: float) -> None:
         with self._cond:
             self.fired = False
-            if self._thread is None:
+            if self._thread is None and not self._closed:
                 thread = threading.Thread(
                     target=self._run, name="whisperr-durable-watchdog", daemon=True
                 )
@@ -179,9 +183,15 @@ class _Watchdog:
         with self._cond:
             self._deadline = None
 
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._deadline = None
+            self._cond.notify()
+
     def _run(self) -> None:
         with self._cond:
-            while True:
+            while not self._closed:
                 if self._deadline is None:
                     self._cond.wait()
                     continue
@@ -395,6 +405,7 @@ class Sender:
         if thread is not None and thread is not threading.current_thread():
             thread.join(wait_seconds(timeout))
         if thread is None or not thread.is_alive():
+            self._watchdog.close()
             self._transport.close()
 
     # ---- the thread ----
@@ -446,6 +457,7 @@ class Sender:
         finally:
             self._sync_if_due(outbox, now=True)
             outbox.close()
+            self._watchdog.close()
 
     def _next_wait(self) -> float:
         now = time.monotonic()
