@@ -804,7 +804,19 @@ class _Chaos:
         with self.cond:
             if sum(c.episodes > 0 for c in self.children) > begun:
                 self.report.fault_effects[FAULT_READ_ONLY] += 1
-        # No kill until every child wrote what it held to the file (or delivered it).
+        # A connection opened while the file was read-only fails on its next write, after
+        # the flip: every producer writes again (its warnings come before its records)...
+        with self.cond:
+            targets = {c.name: c.records + 2 for c in self.live(PRODUCER)}
+
+        def wrote_again() -> bool:
+            return all(
+                c.records >= targets.get(c.name, 0) or c.done or c.eof
+                for c in self.live(PRODUCER)
+            )
+
+        self.wait(wrote_again, self._t())
+        # ...and no kill until every child wrote what it held to the file (or delivered it).
         if not self.wait(lambda: all(c.episodes <= 0 for c in self.live()), 15.0):
             self.timed_out(FAULT_READ_ONLY)
 

@@ -457,6 +457,11 @@ def _sync_directory(path: str) -> None:
 # Files whose -shm was replaced under this process, and what to say about them: this
 # process never uses them again (see Outbox._shm_replaced).
 _UNSAFE: dict[str, str] = {}
+# Per file, how many times a connection of this process hit an error connections keep
+# (opened while the file was read-only, say). SQLite shares one mapping of the -shm among
+# all connections of a process to a file, and a mapping made read-only would follow a fresh
+# connection: so every connection of the process to that file starts afresh.
+_GENERATION: dict[str, int] = {}
 
 # Ops left in an outbox file that was replaced or moved under this process, counted once
 # per (path, key, file) however many connections of this process notice it.
@@ -501,6 +506,7 @@ class Outbox:
         self._pid = 0
         self._inode = 0
         self._shm_inode = 0
+        self._generation = 0
         # Eviction's memory of rows it had to leave (leased when it ran): the lease on the
         # oldest row then (id, owner, expiry) and how far it evicted, so that a full queue
         # does not rescan them on every append. An id can come back (a queue that empties
@@ -537,7 +543,11 @@ class Outbox:
             else:
                 replaced = self._replaced()
                 if replaced is None:
-                    return conn
+                    if self._generation == _GENERATION.get(self.path, 0):
+                        return conn
+                    self._close_connection(conn)  # another connection's error: afresh too
+                    self._conn = None
+                    return self._connection(same_file=same_file)
                 self._conn = None
                 # Never used again, and never closed: closing could checkpoint into, or
                 # delete, the WAL of the file now at the path.
@@ -629,13 +639,13 @@ class Outbox:
         else:
             created = _prepare_path(self.path)
         # timeout=0: SQLite's own busy handler sleeps up to 100 ms a step; ours retries sooner.
+        self._generation = _GENERATION.get(self.path, 0)
         conn = sqlite3.connect(
             self.path, timeout=0, isolation_level=None, check_same_thread=False
         )
         self._inode = self._inode_of(self.path)
         try:
-            version = self._retry_busy(lambda: self._check_version(conn))
-            self._retry_busy(lambda: self._check_is_outbox(conn, version))
+            version = self._retry_busy(lambda: self._check_identity(conn))
             if self._inspect_only:
                 # Looked at, not managed: an older file keeps its version for older SDKs.
                 self._version = version
@@ -662,6 +672,20 @@ class Outbox:
             conn.close()
             raise
         return conn
+
+    def _check_identity(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version, once it is known to be an outbox this SDK can read.
+
+        Read in one transaction: another process may be making the outbox at this moment,
+        and the marker, the version and the tables must come from one snapshot of it.
+        """
+        conn.execute("BEGIN")
+        try:
+            version = self._check_version(conn)
+            self._check_is_outbox(conn, version)
+        finally:
+            conn.execute("COMMIT")
+        return version
 
     def _check_is_outbox(self, conn: sqlite3.Connection, version: int) -> None:
         """Refuse a database that is not an outbox: it belongs to another program."""
@@ -826,8 +850,11 @@ class Outbox:
                 log.warning("whisperr_durable: could not move %s aside: %s", self.path, move_error)
         elif _is_sticky(exc):
             # A connection remembers some failures ("attempt to write a readonly database"
-            # lasts as long as it does): the next attempt starts on a fresh one.
+            # lasts as long as it does): the next attempt starts on a fresh one, and so do
+            # the other connections of this process to the file.
             self.close()
+            with _LOST_LOCK:
+                _GENERATION[self.path] = _GENERATION.get(self.path, 0) + 1
         text = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, (sqlite3.OperationalError, PermissionError)) and not _is_busy(exc):
             text += f" ({_access_note(self.path)})"
@@ -1327,6 +1354,7 @@ def _after_fork_in_child() -> None:
     global _LOST_LOCK
     _LOST_LOCK = threading.Lock()
     _UNSAFE.clear()
+    _GENERATION.clear()
     _LOST.clear()
     _STRANDED_SEEN.clear()
     for outbox in list(_live_outboxes):
