@@ -462,6 +462,23 @@ _UNSAFE: dict[str, str] = {}
 # all connections of a process to a file, and a mapping made read-only would follow a fresh
 # connection: so every connection of the process to that file starts afresh.
 _GENERATION: dict[str, int] = {}
+_CLOSE_WAIT = 0.1
+
+
+
+def _close_others(path: str) -> None:
+    """Close now the other connections of this process to ``path``: while one of them holds
+    the -shm mapping, a fresh connection would share it. One in use for longer than a short
+    wait (a write waiting out a busy file) closes at its next use instead."""
+    for outbox in list(_live_outboxes):
+        if outbox.path != path or outbox._pid != os.getpid():
+            continue
+        if outbox._guard.acquire(timeout=_CLOSE_WAIT):
+            try:
+                outbox.close()
+            finally:
+                outbox._guard.release()
+
 
 # Ops left in an outbox file that was replaced or moved under this process, counted once
 # per (path, key, file) however many connections of this process notice it.
@@ -855,6 +872,7 @@ class Outbox:
             self.close()
             with _LOST_LOCK:
                 _GENERATION[self.path] = _GENERATION.get(self.path, 0) + 1
+            _close_others(self.path)
         text = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, (sqlite3.OperationalError, PermissionError)) and not _is_busy(exc):
             text += f" ({_access_note(self.path)})"

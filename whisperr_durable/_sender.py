@@ -500,10 +500,19 @@ class Sender:
         self._retry_pending = False
         self._writer.store_held(now=store_now or self._waiters > 0)
         failed: Optional[str] = None
-        try:
-            self._cycle(outbox, deadline)
-        except StoreError as exc:
-            failed = str(exc)
+        for attempt in range(2):
+            try:
+                self._cycle(outbox, deadline)
+            except StoreError as exc:
+                failed = str(exc)
+                # After an error a connection keeps, the outbox closed it (and every other
+                # connection of the process to the file starts afresh): once more on a
+                # fresh one, since the file may well work now. A busy file is not retried.
+                if outbox.is_open or attempt:
+                    break
+            else:
+                failed = None
+                break
         self._deliver_held(deadline)
         # Told after the held ops went: a flush waiting on the file returns once they did.
         if failed is None:
