@@ -198,7 +198,11 @@ def queue_size(path: str) -> int:
         total = 0
         for (name,) in tables:
             quoted = '"' + name.replace('"', '""') + '"'
-            low, high = conn.execute(f"SELECT min(id), max(id) FROM {quoted}").fetchone()
+            # Two subqueries: each takes SQLite's min/max shortcut (one b-tree step), which
+            # a single "SELECT min(id), max(id)" does not (it scans the table).
+            low, high = conn.execute(
+                f"SELECT (SELECT min(id) FROM {quoted}), (SELECT max(id) FROM {quoted})"
+            ).fetchone()
             total += 0 if low is None else high - low + 1
         return total
     finally:
@@ -438,33 +442,35 @@ def closed_port_url() -> str:
 
 
 class ServerProcess:
-    """The real devserver in its own process (so its CPU is not counted as the client's).
+    """The real devserver (or, ``sink=True``, the minimal sink of ``sink.py``) in its own
+    process, so its CPU is not counted as the client's.
 
     ``python -m whisperr_durable.devserver --port 0 --api-key K`` prints its URL on the first
-    line, then one line per request; its output goes to a file so nothing can block it.
+    line, then one line per request; its output goes to a file so nothing can block it. The
+    sink does the same.
     """
 
-    def __init__(self, workdir: str, api_key: str = API_KEY) -> None:
-        self._log_path = os.path.join(workdir, f"devserver-{time.monotonic_ns()}.log")
-        self._api_key = api_key
+    def __init__(self, workdir: str, api_key: str = API_KEY, *, sink: bool = False) -> None:
+        name = "sink" if sink else "devserver"
+        self._log_path = os.path.join(workdir, f"{name}-{time.monotonic_ns()}.log")
+        if sink:
+            self._command = [sys.executable, os.path.join(HERE, "sink.py"), "--port", "0"]
+        else:
+            self._command = [
+                sys.executable,
+                "-m",
+                "whisperr_durable.devserver",
+                "--port",
+                "0",
+                "--api-key",
+                api_key,
+            ]
         self.proc: Optional[subprocess.Popen[Any]] = None
         self.url = ""
 
     def __enter__(self) -> ServerProcess:
         with open(self._log_path, "wb") as out:
-            self.proc = spawn(
-                [
-                    sys.executable,
-                    "-m",
-                    "whisperr_durable.devserver",
-                    "--port",
-                    "0",
-                    "--api-key",
-                    self._api_key,
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
+            self.proc = spawn(self._command, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while True:
             with open(self._log_path, "rb") as f:

@@ -29,7 +29,7 @@ from typing import IO, Any, Callable, Optional
 
 import httpx
 import pytest
-from conftest import API_KEY, queue_table
+from conftest import API_KEY, MakeClient, child_env, closed_port_url, queue_table
 
 from whisperr_durable import DurableWhisperr, WhisperrError
 from whisperr_durable._client import key_fingerprint
@@ -757,3 +757,50 @@ def test_gunicorn_preload_workers_deliver_every_event_once(
     # Delivered by the processes' exit flushes alone, each event once.
     assert Counter(keys(fserver.events)) == expected(("boot", 1), ("request", n))
     assert clients().stats().pending == 0
+
+
+# ---- exit while the sender is busy ----
+
+_EXIT_AT_ONCE = """
+import sys, time
+from whisperr_durable import DurableWhisperr
+client = DurableWhisperr({key!r}, path=sys.argv[1], base_url={url!r}, shutdown_timeout=0)
+time.sleep(float(sys.argv[2]))  # each child exits at another moment of the sender's start
+client.shutdown(0)
+"""
+
+
+def test_a_process_that_exits_while_its_sender_starts_exits_cleanly(
+    tmp_path: Path, make_client: MakeClient
+) -> None:
+    # A client that opens a file with a backlog starts its sender at once, and the sender
+    # sets up its HTTP client (OpenSSL loads the certificates, without the GIL). A daemon
+    # thread left there at exit runs on while the C exit handlers free OpenSSL's state, and
+    # the process crashes: exit must end the thread first.
+    url = closed_port_url()
+    template = str(tmp_path / "template.db")
+    filler = make_client(path=template, base_url=url)
+    filler.track_many(("u1", "left", {"i": i}) for i in range(200))
+    filler.shutdown(0)
+    code = _EXIT_AT_ONCE.format(key=API_KEY, url=url)
+    codes = []
+    for batch in range(6):
+        procs = []
+        for i in range(4):
+            path = str(tmp_path / f"outbox-{batch}-{i}.db")
+            source = sqlite3.connect(template)
+            with contextlib.closing(sqlite3.connect(path)) as target:
+                source.backup(target)
+            source.close()
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code, path, str(0.02 + (batch * 4 + i) * 0.003)],
+                    env=child_env(),
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            codes.append((proc.returncode, err.decode()[-300:]))
+    assert [(n, c) for n, c in enumerate(codes) if c[0] != 0] == []

@@ -31,7 +31,7 @@ from ._options import (
     Options,
 )
 from ._outbox import DeadLetter, Stats, StoreError
-from ._sender import FlushResult, Sender
+from ._sender import FlushResult, Sender, end_all_before_exit
 from ._version import __version__
 from ._wire import (
     IDENTIFY,
@@ -524,6 +524,7 @@ def _shutdown_all() -> None:
             )
         except Exception:
             log.debug("shutdown at exit failed", exc_info=True)
+    end_all_before_exit()
 
 
 def _after_fork_in_child() -> None:

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Union
 
@@ -312,6 +313,7 @@ class Sender:
             except RuntimeError:  # interpreter shutdown
                 return False
             self._thread = thread
+            _started.add(self)
         finally:
             self._cond.release()
         return True
@@ -407,6 +409,23 @@ class Sender:
         if thread is None or not thread.is_alive():
             self._watchdog.close()
             self._transport.close()
+
+    def end_before_exit(self, deadline: float) -> None:
+        """At interpreter exit: end the thread for good, whatever ``stop`` allowed. A daemon
+        thread left inside a C call that runs without the GIL (OpenSSL loading certificates
+        or reading a TLS socket) would run on while the C exit handlers free what it uses,
+        and crash the process."""
+        thread = self._thread
+        if thread is None or not thread.is_alive() or self._pid != os.getpid():
+            return
+        self._stop.set()
+        self._wake.set()
+        while thread.is_alive():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._transport.abort()  # again and again: a request may begin after a cut
+            thread.join(min(left, _EXIT_STEP))
 
     # ---- the thread ----
 
@@ -849,3 +868,17 @@ class Sender:
                 "request open)"
             )
         return outcome
+
+
+# Senders of this process that started a thread: at exit, each thread still running is
+# ended (see Sender.end_before_exit).
+_started: weakref.WeakSet[Sender] = weakref.WeakSet()
+# How long exit waits for those threads, all together, after the final flush.
+EXIT_GRACE = 1.0
+_EXIT_STEP = 0.02
+
+
+def end_all_before_exit() -> None:
+    deadline = time.monotonic() + EXIT_GRACE
+    for sender in list(_started):
+        sender.end_before_exit(deadline)
