@@ -164,9 +164,7 @@ def test_nested_missing_directories_leaf_is_0700(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mode", [0o644, 0o640, 0o666, 0o604])
-def test_an_existing_file_of_ours_that_is_too_open_is_made_private(
-    db_path: str, mode: int
-) -> None:
+def test_an_existing_file_of_ours_that_is_too_open_is_made_private(db_path: str, mode: int) -> None:
     # Another local user could read the queued emails, or add rows we would deliver.
     Path(db_path).touch()
     os.chmod(db_path, mode)
@@ -439,6 +437,60 @@ def test_eviction_never_touches_another_keys_rows(db_path: str) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_appends_of_another_connection_never_let_the_queue_outgrow_its_bound(
+    db_path: str,
+) -> None:
+    # An append that expects to fit (a fast, single statement) finds, by the id it got,
+    # that another process filled the queue meanwhile: it evicts all the same.
+    a = Outbox(db_path, KEY)
+    b = Outbox(db_path, KEY)
+    try:
+        assert [a.append(TRACK, body(n), NOW, 10)[1] for n in range(3)] == [0, 0, 0]
+        for n in range(3, 23):
+            b.append(TRACK, body(n), NOW, 10**9)
+        op_id, evicted = a.append(TRACK, body(23), NOW, 10)
+        assert (op_id, evicted) == (24, 14)
+        assert sorted(raw_ops(db_path)) == list(range(15, 25))
+        assert a.stats().evicted == 14
+
+        # At a full queue of a larger bound, one append in a hundred evicts 1% at once; the
+        # others fit in the room it made, and another process's appends still count.
+        c = Outbox(db_path, OTHER_KEY)
+        results = [c.append(TRACK, body(n), NOW, 200)[1] for n in range(260)]
+        assert sum(results) == 60 and results.count(0) > 230
+        assert len(raw_ops(db_path, OTHER_KEY)) == 200
+        d = Outbox(db_path, OTHER_KEY)
+        for n in range(5):
+            d.append(TRACK, body(n), NOW, 10**9)
+        c.append(TRACK, body(0), NOW, 200)
+        assert len(raw_ops(db_path, OTHER_KEY)) <= 200
+        c.close()
+        d.close()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_queue_that_empties_and_fills_again_keeps_its_bound(outbox: Outbox) -> None:
+    # An append skips the eviction check when its id is well above the oldest id it saw;
+    # once the queue empties, ids start again at 1 and that memory is void.
+    for n in range(201):
+        outbox.append(TRACK, body(n), NOW, 200)
+    assert len(raw_ops(outbox.path)) == 198  # 1% evicted at once
+    while True:
+        c = claim(outbox)
+        if not c.rows:
+            break
+        outbox.ack(c.rows[0].id, c.rows[-1].id, "owner-a")
+    assert raw_ops(outbox.path) == {}
+    sizes = []
+    for n in range(210):
+        outbox.append(TRACK, body(n), NOW, 200)
+        sizes.append(outbox.stats().pending)
+    assert max(sizes) == 200
+    assert sizes[-1] >= 198
 
 
 def test_queue_size_stays_exact_after_acks_dead_letters_and_expiry(outbox: Outbox) -> None:

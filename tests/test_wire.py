@@ -13,8 +13,9 @@ from contextlib import contextmanager
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 from enum import IntEnum
+from functools import partial
 from time import perf_counter
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 from conftest import API_KEY
@@ -26,6 +27,7 @@ from whisperr_durable._options import MAX_OP_BYTES
 from whisperr_durable._wire import (
     EVENT_TYPE,
     InvalidOp,
+    TrackEncoder,
     batch_body,
     encode_identify,
     encode_track,
@@ -1093,3 +1095,78 @@ def test_our_own_messages_are_kept() -> None:
     assert str(rejected(lambda: track({"v": [types.MappingProxyType({"d": Decimal("NaN")})]}))) == (
         "a Decimal NaN or infinity is not a JSON number"
     )
+
+
+# ---- the client's encoder: encode_track's bytes, on a faster path ----
+
+USER_IDS = st.one_of(st.sampled_from(["user_8842", " ", "", "ü", 'a"b\\c\n']), st.text(max_size=5))
+EVENT_TYPES = st.one_of(
+    st.sampled_from(["payment_failed", " trial_expired ", "Not_Snake", "a__b", ""]),
+    st.text(alphabet="abz_09 ", max_size=6),
+)
+
+
+def both(
+    user: Any, event_type: Any, properties: Any, context: Any, env: Mapping[str, str] = ENV
+) -> tuple[Any, Any]:
+    """What encode_track and TrackEncoder make of the same call: the text or the error."""
+    args = (user, event_type, properties, context, MID, T0_MS)
+    encoder = TrackEncoder(env)
+    outcomes: list[Any] = []
+    encoders: list[Callable[..., str]] = [partial(encode_track, env), encoder.encode]
+    for encode in encoders:
+        try:
+            outcomes.append(encode(*args))
+        except InvalidOp as exc:
+            outcomes.append(InvalidOp)
+            assert str(exc)
+    return outcomes[0], outcomes[1]
+
+
+@settings(max_examples=300)
+@given(
+    USER_IDS,
+    EVENT_TYPES,
+    st.one_of(st.none(), st.dictionaries(JSON_KEYS, JSON_TREES, max_size=4)),
+    st.one_of(st.none(), st.just({}), st.dictionaries(st.text(max_size=3), JSON_TREES, max_size=2)),
+)
+def test_the_clients_encoder_writes_what_encode_track_writes(
+    user: str, event_type: str, properties: Optional[dict[Any, Any]], context: Any
+) -> None:
+    general, fast = both(user, event_type, properties, context)
+    assert fast == general
+
+
+def test_the_clients_encoder_handles_what_is_unusual_as_encode_track_does() -> None:
+    class Props(dict):  # type: ignore[type-arg]
+        pass
+
+    cyclic: dict[str, Any] = {}
+    cyclic["self"] = cyclic
+    nested: dict[str, Any] = {"when": datetime(2026, 1, 2, tzinfo=timezone.utc)}
+    cases: list[tuple[Any, ...]] = [
+        ("u1", "paid", Props(a=1), None),
+        ("u1", "paid", {"n": Decimal("1.5"), "id": uuid.UUID(int=7)}, None),
+        ("u1", "paid", nested, None),
+        ("u1", "paid", {"x": float("nan")}, None),
+        ("u1", "paid", {"big": "x" * MAX_OP_BYTES}, None),
+        ("u1", "paid", {1: "a", "1": "b"}, None),
+        (7, "paid", None, None),
+        ("u1", b"paid", None, None),
+        ("u1", "paid", [("a", 1)], None),
+    ]
+    for args in cases:
+        general, fast = both(*args)
+        assert fast == general, args
+    assert (
+        both("u1", "paid", {"a": 1}, None, env={})
+        == (
+            '{"external_user_id": "u1", "event_type": "paid", "occurred_at": '
+            f'"{format_timestamp(T0_MS)}", "properties": {{"a": 1}}, "context": '
+            f'{{"$message_id": "{MID}"}}}}',
+        )
+        * 2
+    )
+    # A cycle is refused, never written (RecursionError on the fast path, which shares one
+    # encoder between threads and so keeps no memo of the containers it is inside).
+    assert both("u1", "paid", cyclic, None) == (InvalidOp, InvalidOp)

@@ -38,9 +38,9 @@ from ._wire import (
     SDK_NAME,
     TRACK,
     InvalidOp,
+    TrackEncoder,
     describe_error,
     encode_identify,
-    encode_track,
     message_id,
     shortcut_channels,
     utc_now_ms,
@@ -139,9 +139,10 @@ class DurableWhisperr:
             sync_interval=sync_interval,
         ).checked()
         # Context keys added to every event, under the caller's keys.
-        self._environment = {"sdk_name": SDK_NAME, "sdk_version": __version__}
+        environment = {"sdk_name": SDK_NAME, "sdk_version": __version__}
         if app_version and app_version.strip():
-            self._environment["app_version"] = app_version.strip()
+            environment["app_version"] = app_version.strip()
+        self._encoder = TrackEncoder(environment)
         fingerprint = key_fingerprint(key)
         self._writer = Writer(self._options, fingerprint, self._emit)
         # httpx and filelock are imported here, not with the package: a process that only
@@ -207,8 +208,7 @@ class DurableWhisperr:
             return
         now_ms = self._clock_ms()
         try:
-            body = encode_track(
-                self._environment,
+            body = self._encoder.encode(
                 external_user_id,
                 event_type,
                 properties,
@@ -300,14 +300,11 @@ class DurableWhisperr:
             else:
                 if not 2 <= len(item) <= 4:
                     raise InvalidOp(
-                        "an item needs a user id, an event type and at most "
-                        "properties and context"
+                        "an item needs a user id, an event type and at most properties and context"
                     )
                 args = [*item, None, None][:4]
             user, event_type, properties, context = args
-            body = encode_track(
-                self._environment, user, event_type, properties, context, message_id(), now_ms
-            )
+            body = self._encoder.encode(user, event_type, properties, context, message_id(), now_ms)
         except Exception as exc:
             self._invalid("track_many", exc)
             return None

@@ -164,6 +164,11 @@ _RESTART_WAL_FRAMES = 4_000
 _WAL_SIZE_LIMIT = 24 * 1024 * 1024
 # The most rows one append evicts; a bulk append of more rows evicts as many as it added.
 _EVICT_PER_CALL = 1_000
+# A busy file is tried again after this, then after twice as long each time (up to 5 ms):
+# another connection's write transaction usually ends within tens of microseconds.
+_FIRST_BUSY_WAIT = 0.00002
+# How long an append trusts the oldest id it last saw as a lower bound of the queue's.
+_TRUST_OLDEST = 1.0
 
 # Connections left behind by fork, or to a file since moved aside. Closing one could
 # checkpoint into or delete a WAL that is not its own, and garbage collection would close
@@ -462,6 +467,10 @@ _UNSAFE: dict[str, str] = {}
 # all connections of a process to a file, and a mapping made read-only would follow a fresh
 # connection: so every connection of the process to that file starts afresh.
 _GENERATION: dict[str, int] = {}
+# Forks survived by this process: a connection opened before the last one is the parent's.
+_FORKS = 0
+# How often an append checks that the path still names the file it has open.
+_LOOK_EVERY = 0.1
 _CLOSE_WAIT = 0.1
 
 
@@ -483,7 +492,7 @@ def _close_others(path: str) -> None:
 # Ops left in an outbox file that was replaced or moved under this process, counted once
 # per (path, key, file) however many connections of this process notice it.
 _LOST: dict[tuple[str, str], int] = {}
-_STRANDED_SEEN: set[tuple[str, str, int]] = set()
+_STRANDED_SEEN: dict[tuple[str, str, int], int] = {}
 _LOST_LOCK = threading.Lock()
 
 
@@ -513,6 +522,7 @@ class Outbox:
         self.path = path
         self.key_fp = key_fp
         self._table = _queue_table(key_fp)
+        self._insert = f"INSERT INTO {self._table} (kind, body, created_ms) VALUES (?, ?, ?)"
         self._fsync = fsync
         self._store_timeout = store_timeout
         self._max_dead_letters = max_dead_letters
@@ -521,9 +531,16 @@ class Outbox:
         self._version = 0
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = 0
+        self._forks = 0
         self._inode = 0
         self._shm_inode = 0
         self._generation = 0
+        self._look_after = 0.0  # when an append next checks the file is still the path's
+        # A lower bound on the oldest id of the queue, for as long as it is trusted: an
+        # append whose id is within max_queue_size of it cannot need to evict.
+        self._oldest_seen = 0
+        self._oldest_until = 0.0
+        self._last_id = 0  # of this connection's last append
         # Eviction's memory of rows it had to leave (leased when it ran): the lease on the
         # oldest row then (id, owner, expiry) and how far it evicted, so that a full queue
         # does not rescan them on every append. An id can come back (a queue that empties
@@ -544,27 +561,39 @@ class Outbox:
 
     # ---- connection ----
 
-    def _connection(self, *, same_file: bool = False) -> sqlite3.Connection:
+    def _connection(self, *, same_file: bool = False, look: bool = True) -> sqlite3.Connection:
         """The open connection, (re)opened if needed.
 
         ``same_file``: the caller names rows by the ids of an earlier claim, which mean
         nothing in another file: if the file was replaced since, raise instead of reopening.
+        ``look=False`` (an append): check that the path still names our file (two stat
+        calls) at most every ``_LOOK_EVERY`` seconds, or at once when another connection of
+        the process found it replaced. What is appended to a replaced file meanwhile is
+        counted as lost once seen.
         """
         conn = self._conn
         if conn is not None:
-            if self._pid != os.getpid():
+            if self._forks != _FORKS:
                 # Inherited through fork: never use it, and never close it (closing could
                 # checkpoint into, or delete, the WAL that belongs to the parent).
                 _ABANDONED.append(conn)
                 self._conn = None
             else:
+                current = self._generation == _GENERATION.get(self.path, 0)
+                if current and not look:
+                    now = time.monotonic()
+                    if now < self._look_after:
+                        return conn
+                    self._look_after = now + _LOOK_EVERY
                 replaced = self._replaced()
                 if replaced is None:
-                    if self._generation == _GENERATION.get(self.path, 0):
+                    if current:
                         return conn
                     self._close_connection(conn)  # another connection's error: afresh too
                     self._conn = None
                     return self._connection(same_file=same_file)
+                with _LOST_LOCK:  # the other connections of the process look at once
+                    _GENERATION[self.path] = _GENERATION.get(self.path, 0) + 1
                 self._conn = None
                 # Never used again, and never closed: closing could checkpoint into, or
                 # delete, the WAL of the file now at the path.
@@ -589,7 +618,9 @@ class Outbox:
                 raise
             self._move_aside(str(exc))
             conn = self._open()
-        self._conn, self._pid = conn, os.getpid()
+        self._conn, self._pid, self._forks = conn, os.getpid(), _FORKS
+        self._look_after = time.monotonic() + _LOOK_EVERY
+        self._oldest_until = 0.0
         return conn
 
     def _replaced(self) -> Optional[str]:
@@ -634,10 +665,18 @@ class Outbox:
         longer at the path: no sender will ever see them."""
         seen = (self.path, self.key_fp, self._inode)
         with _LOST_LOCK:
-            if seen in _STRANDED_SEEN or count == 0:
-                return
-            _STRANDED_SEEN.add(seen)
-            if count is not None:
+            # Counted once for all connections of the process, and again only for what a
+            # later look finds added (an append that had not looked yet).
+            before = _STRANDED_SEEN.get(seen)
+            if count is None:
+                if before is not None:
+                    return
+                _STRANDED_SEEN[seen] = 0
+            else:
+                if count <= (before or 0):
+                    return
+                _STRANDED_SEEN[seen] = count
+                count -= before or 0
                 key = (self.path, self.key_fp)
                 _LOST[key] = _LOST.get(key, 0) + count
         what = "an unknown number of ops" if count is None else f"{count} op(s)"
@@ -808,7 +847,7 @@ class Outbox:
     def _retry_busy(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying on SQLITE_BUSY with short sleeps until ``store_timeout``."""
         deadline = time.monotonic() + self._store_timeout
-        delay = 0.0001
+        delay = _FIRST_BUSY_WAIT
         while True:
             try:
                 return fn()
@@ -897,16 +936,46 @@ class Outbox:
     # ---- the write path ----
 
     def append(self, kind: int, body: str, created_ms: int, max_queue_size: int) -> tuple[int, int]:
-        """Store one op; evict the oldest beyond ``max_queue_size`` in the same transaction.
+        """Store one op; evict the oldest beyond ``max_queue_size``.
 
         Returns ``(id, evicted)``.
         """
-        with self._write() as conn:
-            op_id = conn.execute(
-                f"INSERT INTO {self._table} (kind, body, created_ms) VALUES (?, ?, ?)",
-                (kind, body, created_ms),
-            ).lastrowid
-            return op_id or 0, self._bound(conn, op_id or 0, max_queue_size, 1)
+        # Where the op surely stays within the bound, one autocommit statement (the op is
+        # as durable as the WAL when it returns); otherwise one transaction that also
+        # evicts, so that a kill leaves the queue within its bound.
+        with self._guard:
+            if not self._within_bound(self._last_id + 1, max_queue_size):
+                with self._write() as conn:
+                    op_id = conn.execute(self._insert, (kind, body, created_ms)).lastrowid or 0
+                    self._last_id = op_id
+                    return op_id, self._bound(conn, op_id, max_queue_size, 1)
+            try:
+                conn = self._connection(look=False)
+                params = (kind, body, created_ms)
+                try:
+                    row_id = conn.execute(self._insert, params).lastrowid
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc):
+                        raise
+                    row_id = self._retry_busy(lambda: conn.execute(self._insert, params).lastrowid)
+            except (sqlite3.Error, OSError) as exc:
+                raise self._store_error(exc) from exc
+            op_id = self._last_id = row_id or 0
+            if op_id <= self._oldest_seen:
+                self._oldest_until = 0.0  # the queue emptied and its ids started again
+            if self._within_bound(op_id, max_queue_size):
+                return op_id, 0
+            # Other processes appended meanwhile: evict now, in a transaction of its own.
+            with self._write() as conn:
+                return op_id, self._bound(conn, op_id, max_queue_size, 1)
+
+    def _within_bound(self, op_id: int, max_queue_size: int) -> bool:
+        """Whether an op of id ``op_id`` surely leaves nothing to evict."""
+        if op_id <= max_queue_size:
+            return True  # fewer ids than the bound so far
+        oldest = self._oldest_seen
+        # An id at or below the oldest seen: the queue emptied and its ids started again.
+        return oldest < op_id < oldest + max_queue_size and time.monotonic() < self._oldest_until
 
     def append_many(self, ops: Sequence[tuple[int, str, int]], max_queue_size: int) -> int:
         """Store ``(kind, body, created_ms)`` ops in one transaction; returns the evicted count."""
@@ -923,6 +992,8 @@ class Outbox:
         # of max_queue_size at once, so that calls at a full queue cost about what calls at
         # an empty one do. A queue far over this client's bound (left by a client with a
         # larger one) shrinks over several calls, so that no one call holds the caller long.
+        if newest <= self._oldest_seen:
+            self._oldest_until = 0.0  # the queue emptied and its ids started again
         cutoff = newest - max_queue_size
         if cutoff <= 0:
             return 0
@@ -930,6 +1001,7 @@ class Outbox:
             f"SELECT id, lease_owner, lease_until_ms FROM {self._table} ORDER BY id LIMIT 1"
         ).fetchall()
         if not head or head[0][0] > cutoff:
+            self._see_oldest(head[0][0] if head else None, newest)
             return 0
         oldest, owner, until = head[0]
         lease = (oldest, owner, until)
@@ -948,7 +1020,18 @@ class Outbox:
         self._evict_hint = (lease, top)
         if evicted:
             self._bump(conn, "evicted", evicted)
+            (oldest,) = conn.execute(f"SELECT min(id) FROM {self._table}").fetchone()
+            self._see_oldest(oldest, newest)
         return evicted
+
+    def _see_oldest(self, head: Optional[int], newest: int) -> None:
+        if head is not None and head <= newest:
+            # Rows leave a queue only at or after its head and new ones come after its
+            # newest, so the head stays a lower bound: until the queue empties and its ids
+            # start again (an append then gets an id at or below it), or another process
+            # fills it again meanwhile (hence the time limit).
+            self._oldest_seen = head
+            self._oldest_until = time.monotonic() + _TRUST_OLDEST
 
     def _bump(self, conn: sqlite3.Connection, name: str, by: int) -> None:
         conn.execute(
@@ -1369,7 +1452,8 @@ def _after_fork_in_child() -> None:
     # Every guard afresh: one we could not take is held by a thread the child does not have.
     _held_for_fork.clear()
     # The child's connections are its own, opened afresh, and so are its counts.
-    global _LOST_LOCK
+    global _LOST_LOCK, _FORKS
+    _FORKS += 1
     _LOST_LOCK = threading.Lock()
     _UNSAFE.clear()
     _GENERATION.clear()

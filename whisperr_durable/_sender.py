@@ -60,6 +60,11 @@ _LEASE_SLACK = 5.0
 _REQUEST_SLACK = 0.5
 # A long drain checkpoints after this many batches (the end of each cycle does too).
 _CHECKPOINT_EVERY_BATCHES = 8
+# After a batch of fewer rows than this, with no flush waiting, the sender lets ops gather
+# for a moment before it claims again: a request costs about a millisecond of CPU however
+# few events it carries, and a busy producer would otherwise get a request every few ops.
+_LINGER_BELOW = 200
+_LINGER = 0.005
 # The soonest a failed request is tried again, whatever Retry-After says.
 _MIN_RETRY_DELAY = 0.01
 # A failing disk fails every cycle: its log line is repeated at most this often.
@@ -673,6 +678,8 @@ class Sender:
                 outbox.checkpoint()
             if self._settled(outcome):
                 return
+            if len(claim.rows) < _LINGER_BELOW and not self._waiters and deadline is None:
+                self._stop.wait(_LINGER)
 
     def _deliver_held(self, deadline: Optional[float]) -> None:
         """While the file cannot be written, deliver the ops held in memory, in order: the

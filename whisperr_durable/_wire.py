@@ -17,8 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dtime
 from decimal import Decimal
+from json.encoder import c_make_encoder  # type: ignore[attr-defined]
+from json.encoder import encode_basestring_ascii as _quote
 from types import TracebackType
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ._options import MAX_OP_BYTES
 
@@ -349,6 +351,81 @@ def encode_track(
     return _dumps(event, props, ctx)
 
 
+class TrackEncoder:
+    """:func:`encode_track` for one client's environment, byte for byte, faster for the
+    common call: a plain ``str`` user id and event type, a ``dict`` of properties (or
+    none) and no context. The event's JSON is built around the properties' own, written by
+    one encoder made once; anything else takes :func:`encode_track`."""
+
+    def __init__(self, environment: Mapping[str, str]) -> None:
+        self.environment = dict(environment)
+        env = json.dumps(self.environment)
+        self._context_head = (env[:-1] + ", " if self.environment else "{") + '"$message_id": "'
+        # The C encoder json.dumps uses, made once, with no cycle check (shared by threads:
+        # its memo of the containers it is inside would be too). A cycle ends in
+        # RecursionError, as deep nesting does.
+        self._encode_properties: Callable[[dict[Any, Any]], str] = _ENCODER.encode
+        if c_make_encoder is not None:
+            write = c_make_encoder(
+                None, _json_default, _quote, None, ": ", ", ", False, False, False
+            )
+            self._encode_properties = lambda properties: "".join(write(properties, 0))
+
+    def encode(
+        self,
+        external_user_id: Any,
+        event_type: Any,
+        properties: Any,
+        context: Any,
+        msg_id: str,
+        epoch_ms: int,
+    ) -> str:
+        if (
+            context is not None
+            or type(external_user_id) is not str
+            or type(event_type) is not str
+            or not (properties is None or type(properties) is dict)
+        ):
+            return encode_track(
+                self.environment,
+                external_user_id,
+                event_type,
+                properties,
+                context,
+                msg_id,
+                epoch_ms,
+            )
+        _require_user_id(external_user_id)
+        name = event_type.strip()
+        if not EVENT_TYPE.match(name):
+            raise InvalidOp(f'invalid event_type "{name[:100]}": expected snake_case')
+        if properties:
+            try:
+                _check(properties)
+                props = self._encode_properties(properties)
+            except _JSON_ERRORS as exc:
+                raise _invalid(exc) from None
+        else:
+            props = "{}"
+        text = (
+            '{"external_user_id": '
+            + _quote(external_user_id)
+            + ', "event_type": '
+            + _quote(name)
+            + ', "occurred_at": "'
+            + format_timestamp(epoch_ms)
+            + '", "properties": '
+            + props
+            + ', "context": '
+            + self._context_head
+            + msg_id
+            + '"}}'
+        )
+        if len(text) > MAX_OP_BYTES:
+            raise InvalidOp(f"encoded op is {len(text)} bytes, over the {MAX_OP_BYTES} byte limit")
+        return text
+
+
 def _wire_channel(channel: Any) -> dict[str, Any]:
     if not isinstance(channel, Mapping):
         raise InvalidOp("each channel must be a dict")
@@ -419,4 +496,3 @@ def batch_body(events: Sequence[bytes]) -> bytes:
 
 def utc_now_ms() -> int:
     return time.time_ns() // 1_000_000
-

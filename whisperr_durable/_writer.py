@@ -136,6 +136,13 @@ class Writer:
             ops = self._take_reentered() + ops
         if not ops:
             return Written()
+        if self._failing is None and self._lock.acquire(blocking=False):
+            # Nobody else is writing: no group to gather (the common case, one thread).
+            # _store_locked looks at the episode again, under its lock.
+            try:
+                return self._store_locked(ops)
+            finally:
+                self._lock.release()
         with self._hold_lock:
             if self._failing is not None:  # an episode: never wait for the file again
                 return self._hold_locked(ops)
