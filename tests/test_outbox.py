@@ -493,6 +493,89 @@ def test_a_queue_that_empties_and_fills_again_keeps_its_bound(outbox: Outbox) ->
     assert sizes[-1] >= 198
 
 
+@contextmanager
+def between_read_and_lease(outbox: Outbox, change: Any) -> Iterator[None]:
+    """Run ``change`` (another process's doing) right after the claim's head is read,
+    before its lease: the claim must then lease only what the file holds by then."""
+    read = outbox._read
+
+    def read_then_change(sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        rows = read(sql, params)
+        if "ORDER BY id LIMIT" in sql:
+            change()
+        return rows
+
+    outbox._read = read_then_change  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del outbox._read
+
+
+def test_a_claim_takes_nothing_another_sender_leased_after_it_read_the_head(
+    outbox: Outbox,
+) -> None:
+    first, second, third = (put(outbox, n) for n in range(3))
+    table = _queue_table(KEY)
+
+    def other_sender_leases_the_first_two() -> None:
+        raw(
+            outbox.path,
+            f"UPDATE {table} SET lease_owner = 'owner-b', lease_until_ms = ? WHERE id <= ?",
+            (NOW + LEASE_MS, second),
+        )
+
+    with between_read_and_lease(outbox, other_sender_leases_the_first_two):
+        c = claim(outbox)
+    assert c.rows == []  # the head is under owner-b's lease: nothing after it either
+    assert raw_ops(outbox.path)[third] == (0, None, 0)
+    assert [owner for _, owner, _ in raw_ops(outbox.path).values()] == [
+        "owner-b",
+        "owner-b",
+        None,
+    ]
+    assert first in raw_ops(outbox.path)
+
+
+def test_a_claim_never_sends_rows_that_were_replaced_after_it_read_them(
+    outbox: Outbox,
+) -> None:
+    # Another sender delivered the whole queue and new ops took the same ids: the claim
+    # must send the new rows (read again), never the old bodies under the new rows' lease.
+    for n in range(3):
+        put(outbox, n)
+    table = _queue_table(KEY)
+
+    def delivered_elsewhere_and_refilled() -> None:
+        raw(outbox.path, f"DELETE FROM {table}")
+        for n in range(100, 103):
+            raw(
+                outbox.path,
+                f"INSERT INTO {table} (kind, body, created_ms) VALUES (?, ?, ?)",
+                (TRACK, body(n), NOW),
+            )
+
+    with between_read_and_lease(outbox, delivered_elsewhere_and_refilled):
+        c = claim(outbox)
+    assert ids(c) == [1, 2, 3]
+    assert [json.loads(row.body)["n"] for row in c.rows] == [100, 101, 102]
+    assert outbox.ack(1, 3, "owner-a") == 3
+    assert raw_ops(outbox.path) == {}
+
+
+def test_a_claim_leaves_rows_evicted_after_it_read_them(outbox: Outbox) -> None:
+    for n in range(4):
+        put(outbox, n)
+    table = _queue_table(KEY)
+
+    def evicted_by_another_process() -> None:
+        raw(outbox.path, f"DELETE FROM {table} WHERE id <= 2")
+
+    with between_read_and_lease(outbox, evicted_by_another_process):
+        c = claim(outbox)
+    assert ids(c) == [3, 4]
+
+
 def test_queue_size_stays_exact_after_acks_dead_letters_and_expiry(outbox: Outbox) -> None:
     limit = 4
     got = [outbox.append(TRACK, body(n), NOW, limit) for n in range(limit)]

@@ -164,9 +164,11 @@ _RESTART_WAL_FRAMES = 4_000
 _WAL_SIZE_LIMIT = 24 * 1024 * 1024
 # The most rows one append evicts; a bulk append of more rows evicts as many as it added.
 _EVICT_PER_CALL = 1_000
-# A busy file is tried again after this, then after twice as long each time (up to 5 ms):
-# another connection's write transaction usually ends within tens of microseconds.
+# A busy file is tried again after this, then after twice as long each time up to the
+# last: another connection's write usually ends within a millisecond, and the caller
+# should not sleep long past its end.
 _FIRST_BUSY_WAIT = 0.00002
+_LAST_BUSY_WAIT = 0.0005
 # How long an append trusts the oldest id it last saw as a lower bound of the queue's.
 _TRUST_OLDEST = 1.0
 
@@ -496,6 +498,58 @@ _STRANDED_SEEN: dict[tuple[str, str, int], int] = {}
 _LOST_LOCK = threading.Lock()
 
 
+class _HeadMoved(Exception):
+    """The head of the queue changed between a claim's read and its lease."""
+
+
+class _Plan:
+    """Which of the rows at the head of a queue one claim takes: the leading run of tracks
+    (or one identify alone) not under another owner's live lease, within ``max_bytes``;
+    and the rows to move to the dead letters on the way (expired, damaged)."""
+
+    def __init__(
+        self, owner: str, max_bytes: int, max_age_ms: int, now_ms: int, take_over: bool
+    ) -> None:
+        self.owner = owner
+        self.max_bytes = max_bytes
+        self.max_age_ms = max_age_ms
+        self.now_ms = now_ms
+        self.take_over = take_over
+
+    def run(self, head: list[Any]) -> tuple[list[Row], list[int], list[int]]:
+        owner, now_ms = self.owner, self.now_ms
+        batch: list[Row] = []
+        expired: list[int] = []
+        damaged: list[int] = []
+        size = 0
+        for op_id, kind, body, created_ms, attempts, lease_owner, lease_until in head:
+            if not isinstance(lease_until, int):
+                lease_until = 0
+            # A lease further ahead than any sender gives means the clock went back.
+            leased = (
+                not self.take_over
+                and lease_owner not in (None, owner)
+                and now_ms < lease_until <= now_ms + _MAX_LEASE_MS
+            )
+            if leased:
+                break
+            if not _sound(kind, body, created_ms, attempts):
+                damaged.append(op_id)
+                continue
+            if kind == TRACK and created_ms < now_ms - self.max_age_ms:
+                expired.append(op_id)
+                continue
+            if kind == IDENTIFY:
+                if not batch:
+                    batch.append(Row(op_id, kind, body, created_ms, attempts))
+                break
+            if batch and size + len(body) + 2 > self.max_bytes:
+                break
+            batch.append(Row(op_id, kind, body, created_ms, attempts))
+            size += len(body) + 2
+        return batch, expired, damaged
+
+
 class Outbox:
     """One connection to the outbox file, for one thread at a time (callers lock around it).
 
@@ -523,6 +577,11 @@ class Outbox:
         self.key_fp = key_fp
         self._table = _queue_table(key_fp)
         self._insert = f"INSERT INTO {self._table} (kind, body, created_ms) VALUES (?, ?, ?)"
+        # The body as bytes: a row that is not valid UTF-8 must not fail the whole read.
+        self._head_sql = (
+            "SELECT id, kind, CAST(body AS BLOB), created_ms, attempts, lease_owner, "
+            f"lease_until_ms FROM {self._table} ORDER BY id LIMIT ?"
+        )
         self._fsync = fsync
         self._store_timeout = store_timeout
         self._max_dead_letters = max_dead_letters
@@ -855,7 +914,7 @@ class Outbox:
                 if not _is_busy(exc) or time.monotonic() >= deadline:
                     raise
             time.sleep(delay)
-            delay = min(delay * 2, 0.005)
+            delay = min(delay * 2, _LAST_BUSY_WAIT)
 
     @contextmanager
     def _write(self, *, same_file: bool = False) -> Iterator[sqlite3.Connection]:
@@ -878,6 +937,13 @@ class Outbox:
                     raise
             except (sqlite3.Error, OSError) as exc:
                 raise self._store_error(exc) from exc
+
+    def _write_one(self, sql: str, params: tuple[Any, ...]) -> int:
+        """One statement on rows of an earlier claim, committed on its own (it holds the
+        write lock for no longer than it runs); how many rows it changed."""
+        with self._guard, self._sqlite_errors():
+            conn = self._connection(same_file=True)
+            return int(self._retry_busy(lambda: conn.execute(sql, params).rowcount))
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         with self._guard, self._sqlite_errors():
@@ -1061,82 +1127,87 @@ class Outbox:
         lock that owner needed, so that owner is gone. Tracks older than ``max_age_ms`` are
         moved to the dead letters on the way, since the server would refuse them.
         """
-        with self._write() as conn:
-            # The body as bytes: a row that is not valid UTF-8 must not fail the whole read.
-            head = conn.execute(
-                "SELECT id, kind, CAST(body AS BLOB), created_ms, attempts, lease_owner, "
-                f"lease_until_ms FROM {self._table} ORDER BY id LIMIT ?",
-                (max_rows,),
-            ).fetchall()
-            batch: list[Row] = []
-            expired: list[int] = []
-            damaged: list[int] = []
-            size = 0
-            for op_id, kind, body, created_ms, attempts, lease_owner, lease_until in head:
-                if not isinstance(lease_until, int):
-                    lease_until = 0
-                # A lease further ahead than any sender gives means the clock went back.
-                leased = (
-                    not take_over
-                    and lease_owner not in (None, owner)
-                    and now_ms < lease_until <= now_ms + _MAX_LEASE_MS
-                )
-                if leased:
-                    break
-                if not _sound(kind, body, created_ms, attempts):
-                    damaged.append(op_id)
-                    continue
-                if kind == TRACK and created_ms < now_ms - max_age_ms:
-                    expired.append(op_id)
-                    continue
-                if kind == IDENTIFY:
-                    if not batch:
-                        batch.append(Row(op_id, kind, body, created_ms, attempts))
-                    break
-                if batch and size + len(body) + 2 > max_bytes:
-                    break
-                batch.append(Row(op_id, kind, body, created_ms, attempts))
-                size += len(body) + 2
-            pruned = 0
-            for ids, reason in ((expired, _EXPIRED), (damaged, _DAMAGED)):
-                for op_id in ids:
-                    pruned += self._move_to_dead_letters(
-                        conn, op_id, op_id, None, None, reason, now_ms
-                    )[1]
-            if batch:
-                conn.execute(
+        plan = _Plan(owner, max_bytes, max_age_ms, now_ms, take_over)
+        with self._guard:
+            # Read outside any write transaction (appends go on meanwhile), then lease the
+            # batch in a short one, if the head is still as read; anything to move to the
+            # dead letters, or a head that moved, takes one transaction for the whole claim.
+            head = self._read(self._head_sql, (max_rows,))
+            batch, expired, damaged = plan.run(head)
+            if not expired and not damaged and (not batch or self._lease(batch, plan, lease_ms)):
+                return Claim(batch)
+            with self._write() as conn:
+                head = conn.execute(self._head_sql, (max_rows,)).fetchall()
+                batch, expired, damaged = plan.run(head)
+                pruned = 0
+                for ids, reason in ((expired, _EXPIRED), (damaged, _DAMAGED)):
+                    for op_id in ids:
+                        pruned += self._move_to_dead_letters(
+                            conn, op_id, op_id, None, None, reason, now_ms
+                        )[1]
+                if batch:
+                    conn.execute(
+                        f"UPDATE {self._table} SET lease_owner = ?, lease_until_ms = ? "
+                        "WHERE id BETWEEN ? AND ?",
+                        (owner, now_ms + lease_ms, batch[0].id, batch[-1].id),
+                    )
+            return Claim(batch, len(expired), len(damaged), pruned)
+
+    def _lease(self, batch: list[Row], plan: _Plan, lease_ms: int) -> bool:
+        """Lease ``batch``, read before, in one short transaction; ``False`` if the head is
+        not as read any more (rows evicted, leased by another sender, or gone and made
+        again with the same ids: a row's id comes back only once every row after it is
+        gone, so the last one of the run tells)."""
+        first, last = batch[0].id, batch[-1].id
+        args: tuple[Any, ...] = ()
+        free = ""
+        if not plan.take_over:
+            # The rows the plan may take: not under another owner's live lease.
+            free = (
+                " AND NOT (lease_owner IS NOT NULL AND lease_owner != ? AND lease_until_ms > ? "
+                "AND lease_until_ms <= ?)"
+            )
+            args = (plan.owner, plan.now_ms, plan.now_ms + _MAX_LEASE_MS)
+        try:
+            with self._write() as conn:
+                leased = conn.execute(
                     f"UPDATE {self._table} SET lease_owner = ?, lease_until_ms = ? "
-                    "WHERE id BETWEEN ? AND ?",
-                    (owner, now_ms + lease_ms, batch[0].id, batch[-1].id),
-                )
-        return Claim(batch, len(expired), len(damaged), pruned)
+                    f"WHERE id BETWEEN ? AND ?{free}",
+                    (plan.owner, plan.now_ms + lease_ms, first, last, *args),
+                ).rowcount
+                (same,) = conn.execute(
+                    f"SELECT CAST(body AS BLOB) = ? FROM {self._table} WHERE id = ?",
+                    (batch[-1].body, last),
+                ).fetchone() or (0,)
+                if leased != len(batch) or not same:
+                    raise _HeadMoved
+        except _HeadMoved:
+            return False
+        return True
 
     def ack(self, first_id: int, last_id: int, owner: str) -> int:
         """Delete a delivered run of rows that ``owner`` still holds (rows evicted since, or
         taken over by another sender, are not touched)."""
-        with self._write(same_file=True) as conn:
-            return conn.execute(
-                f"DELETE FROM {self._table} WHERE id BETWEEN ? AND ? AND lease_owner = ?",
-                (first_id, last_id, owner),
-            ).rowcount
+        return self._write_one(
+            f"DELETE FROM {self._table} WHERE id BETWEEN ? AND ? AND lease_owner = ?",
+            (first_id, last_id, owner),
+        )
 
     def renew(self, first_id: int, last_id: int, owner: str, until_ms: int) -> int:
         """Extend our lease on a run of rows; returns how many rows we still hold."""
-        with self._write(same_file=True) as conn:
-            return conn.execute(
-                f"UPDATE {self._table} SET lease_until_ms = ? "
-                "WHERE id BETWEEN ? AND ? AND lease_owner = ?",
-                (until_ms, first_id, last_id, owner),
-            ).rowcount
+        return self._write_one(
+            f"UPDATE {self._table} SET lease_until_ms = ? "
+            "WHERE id BETWEEN ? AND ? AND lease_owner = ?",
+            (until_ms, first_id, last_id, owner),
+        )
 
     def release(self, first_id: int, last_id: int, owner: str, *, failed: bool) -> None:
         """Give back a leased run, counting one more failed attempt if ``failed``."""
-        with self._write(same_file=True) as conn:
-            conn.execute(
-                f"UPDATE {self._table} SET lease_owner = NULL, lease_until_ms = 0, "
-                "attempts = attempts + ? WHERE id BETWEEN ? AND ? AND lease_owner = ?",
-                (int(failed), first_id, last_id, owner),
-            )
+        self._write_one(
+            f"UPDATE {self._table} SET lease_owner = NULL, lease_until_ms = 0, "
+            "attempts = attempts + ? WHERE id BETWEEN ? AND ? AND lease_owner = ?",
+            (int(failed), first_id, last_id, owner),
+        )
 
     def dead_letter(
         self,

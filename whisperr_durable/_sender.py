@@ -65,6 +65,8 @@ _CHECKPOINT_EVERY_BATCHES = 8
 # few events it carries, and a busy producer would otherwise get a request every few ops.
 _LINGER_BELOW = 200
 _LINGER = 0.005
+# How often a long drain records the sender's state in the file.
+_RECORD_EVERY = 1.0
 # The soonest a failed request is tried again, whatever Retry-After says.
 _MIN_RETRY_DELAY = 0.01
 # A failing disk fails every cycle: its log line is repeated at most this often.
@@ -272,6 +274,7 @@ class Sender:
         self._stalled_since = 0.0
         # Per request of the current batch: None for a success, else what went wrong.
         self._noted: list[Optional[str]] = []
+        self._record_due = 0.0
 
     def after_fork(self) -> None:
         self._lock.after_fork_in_child()
@@ -612,11 +615,18 @@ class Sender:
         self._stalled_since = now  # said once per lease period
         return True
 
-    def _record(self, outbox: Outbox) -> None:
-        """Leave what a batch came to in the file, for ``whisperr-durable status``."""
-        noted, self._noted = self._noted, []
+    def _record(self, outbox: Outbox, *, now: bool = False) -> None:
+        """Leave what the batches came to in the file, for ``whisperr-durable status``: at
+        the end of a drain, at once when a flush waits or a batch failed, and otherwise at
+        most once a second (a write of its own each time)."""
+        noted = self._noted
         if not noted:
             return
+        urgent = now or self._waiters or noted[-1] is not None
+        if not urgent and time.monotonic() < self._record_due:
+            return
+        self._record_due = time.monotonic() + _RECORD_EVERY
+        self._noted = []
         now_ms = utc_now_ms()
         success_ms = now_ms if None in noted else None
         error = next((e for e in reversed(noted) if e is not None), None)
@@ -627,6 +637,12 @@ class Sender:
 
     def _drain(self, outbox: Outbox, take_over: bool, deadline: Optional[float]) -> None:
         """Send from the head until the queue is empty, backed off, blocked, or out of time."""
+        try:
+            self._drain_batches(outbox, take_over, deadline)
+        finally:
+            self._record(outbox, now=True)
+
+    def _drain_batches(self, outbox: Outbox, take_over: bool, deadline: Optional[float]) -> None:
         options = self._options
         batches = 0
         while not self._stop.is_set():
