@@ -5,16 +5,19 @@ Standard library only (plus the packages being measured), no numpy.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import math
 import os
 import platform
+import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -384,11 +387,27 @@ def log(message: str) -> None:
 _children: list[subprocess.Popen[Any]] = []
 
 
+_pycache: list[str] = []
+
+
+def _pycache_dir() -> str:
+    if not _pycache:
+        _pycache.append(tempfile.mkdtemp(prefix="whisperr-bench-pycache-"))
+        atexit.register(shutil.rmtree, _pycache[0], True)
+    return _pycache[0]
+
+
 def child_env() -> dict[str, str]:
-    """The environment for child processes: the checkout importable even if not installed."""
+    """The environment for child processes: the checkout importable even if not installed.
+
+    Bytecode is written and reused (in a cache of the run's own), whatever the caller's
+    environment says: an installed package is imported from its .pyc files, and a
+    checkout compiled afresh on every import would measure the compiler, not the SDK."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
     env.pop("WHISPERR_API_KEY", None)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = _pycache_dir()
     return env
 
 

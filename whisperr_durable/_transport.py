@@ -10,6 +10,7 @@ import time
 import weakref
 from contextlib import suppress
 from typing import Any, NamedTuple, Optional
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -60,7 +61,12 @@ class Transport:
     def _http(self) -> httpx.Client:
         if self._client is None or self._pid != os.getpid():
             # A client inherited through fork shares sockets with the parent: never reuse it.
-            self._client = httpx.Client(transport=self._transport, headers=self._headers)
+            # A plain-HTTP base URL never makes a TLS connection (redirects are not
+            # followed): no certificates to load (tens of milliseconds, in a cron job).
+            tls = urlsplit(self._base_url).scheme != "http"
+            self._client = httpx.Client(
+                transport=self._transport, headers=self._headers, verify=tls
+            )
             self._pid = os.getpid()
             with self._sockets_lock:
                 self._sockets = weakref.WeakSet()
