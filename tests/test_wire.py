@@ -33,6 +33,7 @@ from whisperr_durable._wire import (
     encode_track,
     format_timestamp,
     message_id,
+    message_ids,
     shortcut_channels,
 )
 from whisperr_durable.devserver import DevServer
@@ -559,6 +560,14 @@ def test_message_id_is_32_hex_digits_and_fresh_each_call() -> None:
     assert len(ids) == 1000
     for mid in ids:
         assert re.fullmatch(r"[0-9a-f]{32}", mid)
+
+
+def test_message_ids_drawn_together_are_as_fresh_as_one_at_a_time() -> None:
+    drawn = message_ids(1000) + message_ids(1000)
+    assert len(set(drawn)) == 2000
+    for mid in drawn:
+        assert re.fullmatch(r"[0-9a-f]{32}", mid)
+    assert message_ids(0) == []
 
 
 # ---- byte compatibility with the official SDK, where it is installed ----

@@ -42,6 +42,7 @@ from ._wire import (
     describe_error,
     encode_identify,
     message_id,
+    message_ids,
     shortcut_channels,
     utc_now_ms,
 )
@@ -264,6 +265,7 @@ class DurableWhisperr:
             return 0
         stored = 0
         chunk: list[tuple[int, str, int]] = []
+        ids: list[str] = []  # drawn for a chunk at a time: one read of the random source
         try:
             iterator = iter(events)
             while True:
@@ -274,9 +276,12 @@ class DurableWhisperr:
                 except Exception as exc:  # the caller's generator failed: stop there
                     self._invalid("track_many", exc, what="the events iterable")
                     break
-                body = self._encode_item(item)
+                if not ids:
+                    ids = message_ids(_BULK_CHUNK)
+                body = self._encode_item(item, ids[-1])
                 if body is None:
                     continue
+                ids.pop()
                 chunk.append(body)
                 if len(chunk) >= _BULK_CHUNK:
                     stored += self._write(chunk)
@@ -290,9 +295,13 @@ class DurableWhisperr:
                 stored += self._write(chunk)
         return stored
 
-    def _encode_item(self, item: Any) -> Optional[tuple[int, str, int]]:
+    def _encode_item(self, item: Any, msg_id: str) -> Optional[tuple[int, str, int]]:
         now_ms = self._clock_ms()
         try:
+            if type(item) is tuple and len(item) == 3:  # the common item, unpacked at once
+                user, event_type, properties = item
+                body = self._encoder.encode(user, event_type, properties, None, msg_id, now_ms)
+                return (TRACK, body, now_ms)
             if isinstance(item, Mapping):
                 args: list[Any] = [item.get(k) for k in _TRACK_FIELDS]
             elif isinstance(item, (str, bytes)):
@@ -304,7 +313,7 @@ class DurableWhisperr:
                     )
                 args = [*item, None, None][:4]
             user, event_type, properties, context = args
-            body = self._encoder.encode(user, event_type, properties, context, message_id(), now_ms)
+            body = self._encoder.encode(user, event_type, properties, context, msg_id, now_ms)
         except Exception as exc:
             self._invalid("track_many", exc)
             return None

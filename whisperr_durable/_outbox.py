@@ -517,36 +517,46 @@ class _Plan:
         self.take_over = take_over
 
     def run(self, head: list[Any]) -> tuple[list[Row], list[int], list[int]]:
-        owner, now_ms = self.owner, self.now_ms
+        owner, now_ms, take_over = self.owner, self.now_ms, self.take_over
+        # A lease further ahead than any sender gives means the clock went back.
+        horizon = now_ms + _MAX_LEASE_MS
+        oldest_allowed = now_ms - self.max_age_ms
+        room = self.max_bytes
         batch: list[Row] = []
         expired: list[int] = []
         damaged: list[int] = []
-        size = 0
         for op_id, kind, body, created_ms, attempts, lease_owner, lease_until in head:
-            if not isinstance(lease_until, int):
-                lease_until = 0
-            # A lease further ahead than any sender gives means the clock went back.
-            leased = (
-                not self.take_over
-                and lease_owner not in (None, owner)
-                and now_ms < lease_until <= now_ms + _MAX_LEASE_MS
-            )
-            if leased:
-                break
+            if (
+                lease_owner is not None
+                and lease_owner != owner
+                and not take_over
+                and now_ms < (lease_until if type(lease_until) is int else 0) <= horizon
+            ):
+                break  # under another owner's live lease
+            if (
+                kind == TRACK
+                and type(body) is bytes
+                and type(created_ms) is int
+                and type(attempts) is int
+                and body.isascii()
+                and body.startswith(b"{")
+                and body.endswith(b"}")
+            ):
+                if created_ms < oldest_allowed:
+                    expired.append(op_id)
+                    continue
+                room -= len(body) + 2
+                if batch and room < 0:
+                    break
+                batch.append(Row(op_id, kind, body, created_ms, attempts))
+                continue
             if not _sound(kind, body, created_ms, attempts):
                 damaged.append(op_id)
                 continue
-            if kind == TRACK and created_ms < now_ms - self.max_age_ms:
-                expired.append(op_id)
-                continue
-            if kind == IDENTIFY:
-                if not batch:
-                    batch.append(Row(op_id, kind, body, created_ms, attempts))
-                break
-            if batch and size + len(body) + 2 > self.max_bytes:
-                break
-            batch.append(Row(op_id, kind, body, created_ms, attempts))
-            size += len(body) + 2
+            # An identify goes alone.
+            if not batch:
+                batch.append(Row(op_id, kind, body, created_ms, attempts))
+            break
         return batch, expired, damaged
 
 

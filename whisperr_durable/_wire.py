@@ -45,6 +45,12 @@ def message_id() -> str:
     return os.urandom(16).hex()
 
 
+def message_ids(n: int) -> list[str]:
+    """``n`` fresh idempotency keys from one read of the random source."""
+    text = os.urandom(16 * n).hex()
+    return [text[i : i + 32] for i in range(0, 32 * n, 32)]
+
+
 def format_timestamp(epoch_ms: int) -> str:
     """RFC 3339 UTC with exactly three fraction digits and ``Z`` (years 1 to 9999)."""
     seconds, millis = divmod(epoch_ms, 1000)
