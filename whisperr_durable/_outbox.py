@@ -161,7 +161,7 @@ _AUTOCHECKPOINT_PAGES = 10_000
 # A checkpoint completes (and the WAL starts again) once the WAL holds this many pages, and
 # the WAL file keeps the size that takes: cutting it back would be paid by the next commit.
 _RESTART_WAL_FRAMES = 4_000
-_WAL_SIZE_LIMIT = 24 * 1024 * 1024
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # The most rows one append evicts; a bulk append of more rows evicts as many as it added.
 _EVICT_PER_CALL = 1_000
 # A busy file is tried again after this, then after twice as long each time up to the
