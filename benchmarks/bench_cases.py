@@ -850,7 +850,7 @@ def bench_footprint(ctx: Context) -> Result:
         f"1st track(), default max_queue_size, on the {n:,}-row backlog",
         cliff["first_seconds"] * 1000,
         "ms",
-        note=f"evicts {cliff['evicted']:,} rows in the caller's transaction; "
+        note=f"evicts {cliff['evicted']:,} rows in the caller's call; "
         f"the next call {cliff['second_seconds'] * 1000:.1f} ms",
     )
     per_row = built["bytes"] / built["rows"]
