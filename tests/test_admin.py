@@ -8,11 +8,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, MakeClient, closed_port_url, queue_table
+from conftest import API_KEY, MakeClient, closed_port_url, queue_table, raw
 
 from whisperr_durable import DurableWhisperr, OutboxFile, StoreError
 from whisperr_durable._client import key_fingerprint
-from whisperr_durable._outbox import _SCHEMA_V1, SCHEMA_VERSION
+from whisperr_durable._outbox import SCHEMA_VERSION
 from whisperr_durable._wire import utc_now_ms
 from whisperr_durable.devserver import DevServer
 
@@ -163,35 +163,30 @@ def test_a_file_that_is_not_an_outbox_is_reported_and_left_alone(tmp_path: Path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.db", "garbage.db"]
 
 
-def test_a_version_1_file_is_migrated_and_keeps_its_rows(db_path: str) -> None:
-    body = json.dumps(
-        {
-            "external_user_id": "u1",
-            "event_type": "from_version_1",
-            "occurred_at": "2026-11-26T00:00:00.000Z",
-            "properties": {},
-            "context": {"$message_id": "v1-message"},
-        }
-    )
-    created_ms = utc_now_ms()  # not expired: the sender a client starts for it keeps it
+def test_a_later_schema_that_keeps_this_sdk_as_a_reader_is_used(
+    db_path: str, server: DevServer
+) -> None:
+    # A later SDK added a table and kept min_reader_version: this one goes on using the
+    # file, and leaves its version and its new table as they are.
+    first = DurableWhisperr(API_KEY, path=db_path, base_url=closed_port_url())
+    first.track("u1", "before", {"i": 0})
+    first.shutdown(timeout=0)
     with sqlite3.connect(db_path, isolation_level=None) as conn:
-        for statement in _SCHEMA_V1:
-            conn.execute(statement)
-        conn.execute(
-            "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, 0, ?, ?)",
-            (key_fingerprint(API_KEY), body, created_ms),
-        )
-        conn.execute("PRAGMA user_version = 1")
-    client = DurableWhisperr(API_KEY, path=db_path, base_url=closed_port_url())
+        conn.execute("CREATE TABLE later_feature (x INTEGER)")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    client = DurableWhisperr(API_KEY, path=db_path, base_url=server.url)
     try:
-        stats = client.stats()
-        assert stats.schema_version == SCHEMA_VERSION == 3
-        assert stats.pending == 1
+        client.track("u1", "after", {"i": 1})
+        assert client.flush(timeout=10).pending == 0
+        assert client.stats().schema_version == SCHEMA_VERSION + 1
+        assert client.stats().error is None
     finally:
-        client.shutdown(timeout=0)
-    with sqlite3.connect(db_path) as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
-        rows = conn.execute(f"SELECT id, kind, body, created_ms FROM {queue_table()}").fetchall()
-    assert "sender_state" in tables
-    assert not {"ops", "queue_sizes"} & tables  # the single queue of versions 1 and 2 is gone
-    assert rows == [(1, 0, body, created_ms)]
+        client.shutdown(timeout=1)
+    assert [e["properties"]["i"] for e in server.events] == [0, 1]
+    assert raw(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION + 1,)]
+    assert raw(db_path, "SELECT count(*) FROM later_feature") == [(0,)]
+    # Raised past this SDK's schema, the file is refused and left as it is.
+    raw(db_path, "UPDATE meta SET value = ? WHERE name = 'min_reader_version'", (99,))
+    with pytest.raises(StoreError, match="schema 99 or later"):
+        OutboxFile(db_path).status()

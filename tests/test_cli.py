@@ -25,7 +25,7 @@ import pytest
 from conftest import API_KEY
 
 from whisperr_durable._client import key_fingerprint
-from whisperr_durable._outbox import _SCHEMA_V1, SCHEMA_VERSION, Outbox
+from whisperr_durable._outbox import SCHEMA_VERSION, Outbox
 from whisperr_durable._wire import utc_now_ms
 from whisperr_durable.devserver import DevServer
 
@@ -731,23 +731,26 @@ def test_a_newer_schema_is_refused(env: dict[str, str], db_path: str) -> None:
     fill(env, db_path, [(API_KEY, "track", "u", "e")])
     with sqlite3.connect(db_path) as conn:
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        conn.execute(
+            "UPDATE meta SET value = ? WHERE name = 'min_reader_version'", (SCHEMA_VERSION + 1,)
+        )
     conn.close()
     run = cli(env, "status", "--path", db_path)
     assert_one_line_error(run, 4, f"schema version {SCHEMA_VERSION + 1}")
 
 
-def test_status_does_not_migrate_an_older_outbox(env: dict[str, str], db_path: str) -> None:
+def test_an_outbox_of_an_older_schema_is_refused_and_left_untouched(
+    env: dict[str, str], db_path: str
+) -> None:
+    # Schemas 1 and 2 were never released; a file that claims one is not ours to read.
+    fill(env, db_path, [(API_KEY, "track", "u", "e")])
     with sqlite3.connect(db_path) as conn:
-        for statement in _SCHEMA_V1:
-            conn.execute(statement)
         conn.execute("PRAGMA user_version=1")
     conn.close()
+    before = Path(db_path).read_bytes()
     run = cli(env, "status", "--path", db_path, "--json")
-    assert run.code == 0, run
-    with sqlite3.connect(db_path) as conn:
-        ((version,),) = conn.execute("PRAGMA user_version").fetchall()
-    conn.close()
-    assert version == 1
+    assert_one_line_error(run, 4, "schema version 1, never released")
+    assert Path(db_path).read_bytes() == before
 
 
 def test_a_locked_file(env: dict[str, str], db_path: str) -> None:

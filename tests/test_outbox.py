@@ -26,8 +26,7 @@ from conftest import (
 )
 
 from whisperr_durable._outbox import (
-    _SCHEMA_V1,
-    _SCHEMA_V2,
+    APPLICATION_ID,
     SCHEMA_VERSION,
     Claim,
     Outbox,
@@ -200,6 +199,7 @@ def test_newer_schema_version_raises_store_error(db_path: str) -> None:
     with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
         conn.execute("CREATE TABLE future (x)")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        conn.execute(f"PRAGMA application_id={APPLICATION_ID}")  # an outbox, of a later SDK
     ob = Outbox(db_path, KEY, store_timeout=0.05)
     try:
         with pytest.raises(StoreError, match="schema version"):
@@ -937,104 +937,6 @@ def test_dead_letter_bound_of_one_key_never_removes_another_keys(db_path: str) -
     finally:
         a.close()
         b.close()
-
-
-# ---- migration ----
-
-
-def _write_v2_file(path: str) -> dict[str, list[tuple[Any, ...]]]:
-    """A file as the previous SDK (schema v2) left it: one ``ops`` table for both keys, ids
-    interleaved and with gaps, one row leased. Returns each key's rows as
-    ``(old id, kind, body, created_ms, attempts, lease_owner, lease_until_ms)`` in order."""
-    rows = [
-        (KEY, TRACK, body(1), NOW - 40, 1, "pid-9-abc", NOW + 5_000),  # leased
-        (OTHER_KEY, IDENTIFY, body(2), NOW - 25, 2, None, 0),
-        (KEY, TRACK, body(3), NOW - 30, 0, None, 0),
-        (KEY, IDENTIFY, body(4), NOW - 20, 0, None, 0),
-        (OTHER_KEY, TRACK, body(5), NOW - 15, 0, None, 0),
-        (KEY, TRACK, body(6), NOW - 10, 3, None, 0),
-        (OTHER_KEY, TRACK, body(7), NOW - 5, 0, None, 0),
-    ]
-    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
-        for statement in (*_SCHEMA_V1, *_SCHEMA_V2):
-            conn.execute(statement)
-        conn.execute("PRAGMA user_version=2")
-        for n, row in enumerate(rows):
-            conn.execute(
-                "INSERT INTO ops (key_fp, kind, body, created_ms, attempts, lease_owner, "
-                "lease_until_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-            if n % 2:  # and a delivered row after some: the old ids have gaps
-                conn.execute(
-                    "INSERT INTO ops (key_fp, kind, body, created_ms) VALUES (?, ?, ?, ?)",
-                    (row[0], TRACK, "gone", NOW),
-                )
-                conn.execute("DELETE FROM ops WHERE body = 'gone'")
-        conn.execute(
-            "INSERT INTO dead_letters (key_fp, op_id, kind, body, created_ms, failed_ms, "
-            "attempts, status, reason) VALUES (?, 99, ?, ?, ?, ?, 1, 400, 'bad')",
-            (OTHER_KEY, TRACK, body(99), NOW - 50, NOW - 1),
-        )
-        conn.execute("INSERT INTO counters (key_fp, name, n) VALUES (?, 'evicted', 7)", (KEY,))
-        old = conn.execute(
-            "SELECT key_fp, id, kind, body, created_ms, attempts, lease_owner, lease_until_ms "
-            "FROM ops ORDER BY id"
-        ).fetchall()
-        assert conn.execute("SELECT key_fp, n FROM queue_sizes ORDER BY key_fp").fetchall() == [
-            (KEY, 4),
-            (OTHER_KEY, 3),
-        ]
-    by_key: dict[str, list[tuple[Any, ...]]] = {KEY: [], OTHER_KEY: []}
-    for key_fp, *rest in old:
-        by_key[key_fp].append(tuple(rest))
-    assert [r[0] for r in by_key[KEY]] != [1, 2, 3, 4]  # the old ids were not dense
-    return by_key
-
-
-def test_a_v2_file_is_migrated_to_a_table_per_key_with_ids_renumbered(db_path: str) -> None:
-    old = _write_v2_file(db_path)
-    ob = Outbox(db_path, KEY)
-    try:
-        ob.open()
-        assert ob.schema_version() == SCHEMA_VERSION == 3
-        assert raw(db_path, "PRAGMA user_version") == [(3,)]
-        assert not {"ops", "queue_sizes"} & tables(db_path)
-        assert raw(db_path, "SELECT name FROM sqlite_master WHERE type = 'trigger'") == []
-        assert raw(db_path, "SELECT name FROM sqlite_master WHERE name = 'ops_by_key'") == []
-        # Every key's rows, not only the opening client's, in order, renumbered 1..n.
-        for key_fp in (KEY, OTHER_KEY):
-            got = raw(
-                db_path,
-                "SELECT id, kind, body, created_ms, attempts, lease_owner, lease_until_ms "
-                f"FROM {_queue_table(key_fp)} ORDER BY id",
-            )
-            assert got == [(n, *row[1:]) for n, row in enumerate(old[key_fp], start=1)]
-        assert [row[0] for row in raw_bodies(db_path, KEY)] == [1, 2, 3, 4]
-        assert raw_ops(db_path, KEY)[1] == (1, "pid-9-abc", NOW + 5_000)
-        # The rest of the file is kept.
-        assert ob.stats().evicted == 7
-        stats = ob.stats()
-        assert (stats.pending_tracks, stats.pending_identifies) == (3, 1)
-        assert stats.oldest_created_ms == NOW - 40
-        # The lease came across: another owner waits for it, its holder can ack.
-        assert claim(ob, "owner-b", now_ms=NOW).rows == []
-        assert held(ob, "pid-9-abc", now_ms=NOW) == [1, 2]
-        assert ob.ack(1, 2, "pid-9-abc") == 2
-        # New ids follow the renumbered ones.
-        assert put(ob, 10) == 5
-    finally:
-        ob.close()
-    other = Outbox(db_path, OTHER_KEY)
-    try:
-        assert other.schema_version() == 3
-        assert [d.op_id for d in other.dead_letters()] == [99]
-        c = claim(other, "owner-b")
-        rows = [(r.id, r.kind, r.body, r.attempts) for r in c.rows]
-        assert rows == [(1, IDENTIFY, body(2).encode(), 2)]
-        assert other.last_id() == 3
-    finally:
-        other.close()
 
 
 # ---- reading ----

@@ -22,37 +22,15 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
-from typing import Any, Callable, NamedTuple, Optional, TypeVar, Union
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 from ._options import MAX_LEASE
 from ._wire import IDENTIFY, TRACK, utc_now_ms
 
 log = logging.getLogger("whisperr_durable")
 
-_SCHEMA_V1 = (
-    """CREATE TABLE ops (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        key_fp TEXT NOT NULL,
-        kind INTEGER NOT NULL,
-        body TEXT NOT NULL,
-        created_ms INTEGER NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        lease_owner TEXT,
-        lease_until_ms INTEGER NOT NULL DEFAULT 0
-    )""",
-    "CREATE INDEX ops_by_key ON ops (key_fp, id)",
-    # Queue length per key, kept by triggers so that bounding the queue needs no COUNT(*).
-    """CREATE TABLE queue_sizes (
-        key_fp TEXT PRIMARY KEY,
-        n INTEGER NOT NULL
-    ) WITHOUT ROWID""",
-    """CREATE TRIGGER ops_count_insert AFTER INSERT ON ops BEGIN
-        INSERT INTO queue_sizes (key_fp, n) VALUES (NEW.key_fp, 1)
-            ON CONFLICT (key_fp) DO UPDATE SET n = n + 1;
-    END""",
-    """CREATE TRIGGER ops_count_delete AFTER DELETE ON ops BEGIN
-        UPDATE queue_sizes SET n = n - 1 WHERE key_fp = OLD.key_fp;
-    END""",
+# The file's tables, beside one queue table per key (``_CREATE_QUEUE``).
+_SCHEMA = (
     """CREATE TABLE dead_letters (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         key_fp TEXT NOT NULL,
@@ -72,10 +50,7 @@ _SCHEMA_V1 = (
         n INTEGER NOT NULL,
         PRIMARY KEY (key_fp, name)
     ) WITHOUT ROWID""",
-)
-
-# What each key's sender last did, for operators (``whisperr-durable status``).
-_SCHEMA_V2 = (
+    # What each key's sender last did, for operators (``whisperr-durable status``).
     """CREATE TABLE sender_state (
         key_fp TEXT PRIMARY KEY,
         pid INTEGER NOT NULL,
@@ -83,6 +58,11 @@ _SCHEMA_V2 = (
         last_success_ms INTEGER,
         last_error TEXT,
         last_error_ms INTEGER
+    ) WITHOUT ROWID""",
+    # Facts about the file itself: min_reader_version (see MIN_READER_VERSION).
+    """CREATE TABLE meta (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
     ) WITHOUT ROWID""",
 )
 
@@ -111,35 +91,18 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-def _to_v3(conn: sqlite3.Connection) -> None:
-    """From one ``ops`` table for all keys to a table per key, ids renumbered 1..n in order
-    (so that the id window of each key starts dense)."""
-    for (key_fp,) in conn.execute("SELECT DISTINCT key_fp FROM ops").fetchall():
-        table = _queue_table(key_fp)
-        conn.execute(_CREATE_QUEUE.format(table=table))
-        conn.execute(
-            f"INSERT INTO {table} (kind, body, created_ms, attempts, lease_owner, "
-            "lease_until_ms) SELECT kind, body, created_ms, attempts, lease_owner, "
-            "lease_until_ms FROM ops WHERE key_fp = ? ORDER BY id",
-            (key_fp,),
-        )
-    conn.execute("DROP TABLE ops")  # with its index and triggers
-    conn.execute("DROP TABLE queue_sizes")
-
-
-# _MIGRATIONS[n] takes a file from schema version n to n + 1, in one transaction.
-_MIGRATIONS: tuple[Union[tuple[str, ...], Callable[[sqlite3.Connection], None]], ...] = (
-    _SCHEMA_V1,
-    _SCHEMA_V2,
-    _to_v3,
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
+# The file's schema (``PRAGMA user_version``). Versions 1 and 2 were development schemas,
+# never released, and are not read.
+SCHEMA_VERSION = 3
+# The oldest SDK schema that can still read and write a file of this schema, kept in the
+# file (``meta``). A later schema that only adds (a table, a column with a default) keeps
+# it where it is, so that an older process sharing the file goes on using it; one that
+# changes what rows mean raises it, and older processes then refuse the file.
+MIN_READER_VERSION = 3
 
 # What marks a SQLite file as an outbox (``PRAGMA application_id``, in the file's header):
-# no other database is ever written to. Files made before the marker are recognised by their
-# tables and marked when first opened.
+# no other database is ever written to.
 APPLICATION_ID = 0x77687264  # "whrd"
-_OUR_TABLES = frozenset({"dead_letters", "counters"})
 
 # SQLite's result codes for a file that is not (or no longer) a usable database, and its
 # words for them where the error carries no code (Python before 3.11).
@@ -476,7 +439,6 @@ _LOOK_EVERY = 0.1
 _CLOSE_WAIT = 0.1
 
 
-
 def _close_others(path: str) -> None:
     """Close now the other connections of this process to ``path``: while one of them holds
     the -shm mapping, a fresh connection would share it. One in use for longer than a short
@@ -765,9 +727,7 @@ class Outbox:
             created = _prepare_path(self.path)
         # timeout=0: SQLite's own busy handler sleeps up to 100 ms a step; ours retries sooner.
         self._generation = _GENERATION.get(self.path, 0)
-        conn = sqlite3.connect(
-            self.path, timeout=0, isolation_level=None, check_same_thread=False
-        )
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
         self._inode = self._inode_of(self.path)
         try:
             version = self._retry_busy(lambda: self._check_identity(conn))
@@ -784,8 +744,7 @@ class Outbox:
             conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             # A WAL file that grew during a burst is cut back to this after a checkpoint.
             conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
-            self._migrate(conn)
-            self._version = SCHEMA_VERSION
+            self._version = self._create(conn, version)
             self._retry_busy(lambda: conn.execute(_CREATE_QUEUE.format(table=self._table)))
             if created:
                 # The schema reaches the disk now, not at some later checkpoint: a power cut
@@ -806,8 +765,9 @@ class Outbox:
         """
         conn.execute("BEGIN")
         try:
+            ((version,),) = conn.execute("PRAGMA user_version").fetchall()
+            self._check_is_outbox(conn, version)  # first: another program's, whatever its version
             version = self._check_version(conn)
-            self._check_is_outbox(conn, version)
         finally:
             conn.execute("COMMIT")
         return version
@@ -817,13 +777,10 @@ class Outbox:
         ((app_id,),) = conn.execute("PRAGMA application_id").fetchall()
         if app_id == APPLICATION_ID:
             return
-        if app_id == 0:
+        if app_id == 0 and version == 0 and not self._inspect_only:
             rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            tables = {name for (name,) in rows}
-            if version == 0 and not tables and not self._inspect_only:
+            if not rows.fetchall():
                 return  # empty: a new outbox
-            if version > 0 and tables >= _OUR_TABLES:
-                return  # made before the marker; marked by _migrate
         raise StoreError(
             f"{self.path} is not a whisperr_durable outbox (another program's database?); "
             "it is left untouched"
@@ -878,40 +835,56 @@ class Outbox:
         return self._inode_of(self.path) == self._inode
 
     def _check_version(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version, if this SDK can use the file: its own, no schema yet
+        (0), or a later one whose oldest reader this SDK is."""
         version = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} has outbox schema version {version}; this version of "
-                f"whisperr_durable reads up to {SCHEMA_VERSION}"
-            )
+            min_reader = version  # unless the file says older SDKs can use it
+            has_meta = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            if has_meta:
+                row = conn.execute(
+                    "SELECT value FROM meta WHERE name = 'min_reader_version'"
+                ).fetchone()
+                if row and isinstance(row[0], int):
+                    min_reader = row[0]
+            if min_reader > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has outbox schema version {version}, which SDKs of schema "
+                    f"{min_reader} or later can use; this version of whisperr_durable has "
+                    f"schema {SCHEMA_VERSION}"
+                )
+        elif 0 < version < SCHEMA_VERSION:  # none was ever released: not made by us
+            raise StoreError(f"{self.path} has outbox schema version {version}, never released")
         return version
 
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        def current() -> bool:
-            ((app_id,),) = conn.execute("PRAGMA application_id").fetchall()
-            return self._check_version(conn) == SCHEMA_VERSION and app_id == APPLICATION_ID
-
-        if self._retry_busy(current):
-            return
-        # Under the write lock: of several processes opening the file at once, the first
-        # migrates and the others find the work done.
+    def _create(self, conn: sqlite3.Connection, version: int) -> int:
+        """Make the schema in a new file; the file's schema version."""
+        if version:
+            return version
+        # Under the write lock: of several processes opening a new file at once, the first
+        # makes the schema and the others find it made.
         self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
         try:
             version = self._check_version(conn)
             self._check_is_outbox(conn, version)
-            for step in _MIGRATIONS[version:]:
-                if callable(step):
-                    step(conn)
-                else:
-                    for statement in step:
-                        conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            if not version:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO meta (name, value) VALUES ('min_reader_version', ?)",
+                    (MIN_READER_VERSION,),
+                )
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                version = SCHEMA_VERSION
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        return version
 
     def _retry_busy(self, fn: Callable[[], T]) -> T:
         """Run ``fn``, retrying on SQLITE_BUSY with short sleeps until ``store_timeout``."""
@@ -994,7 +967,7 @@ class Outbox:
         return StoreError(text)
 
     def open(self) -> None:
-        """Open (and create or migrate) the file now rather than on first use."""
+        """Open (and create) the file now rather than on first use."""
         self._read("SELECT 1")
 
     def close(self) -> None:
@@ -1437,9 +1410,7 @@ class Outbox:
             ]
             for fp, table in self._queues(key_fp)
         ]
-        return list(
-            itertools.islice(heapq.merge(*queues, key=lambda r: _int_or_zero(r[4])), limit)
-        )
+        return list(itertools.islice(heapq.merge(*queues, key=lambda r: _int_or_zero(r[4])), limit))
 
     def all_dead_letters(self, limit: Optional[int], key_fp: Optional[str]) -> list[DeadLetter]:
         where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
@@ -1449,9 +1420,7 @@ class Outbox:
             (*params, -1 if limit is None else limit),
         )
         return [
-            DeadLetter(
-                r[0], r[1], "identify" if r[2] == IDENTIFY else "track", _text(r[3]), *r[4:]
-            )
+            DeadLetter(r[0], r[1], "identify" if r[2] == IDENTIFY else "track", _text(r[3]), *r[4:])
             for r in rows
         ]
 
