@@ -45,7 +45,7 @@ def build_backlog(path: str, n: int, url: str) -> dict[str, Any]:
         stored = client.track_many(events(n))
     else:  # before track_many existed: the outbox's own bulk append
         from whisperr_durable._client import key_fingerprint
-        from whisperr_durable._outbox import Outbox
+        from whisperr_durable._store import Outbox
         from whisperr_durable._wire import TRACK, encode_track, message_id, utc_now_ms
 
         method = "Outbox.append_many"

@@ -19,7 +19,7 @@ import pytest
 
 from whisperr_durable import DurableWhisperr
 from whisperr_durable._client import key_fingerprint
-from whisperr_durable._outbox import _queue_table
+from whisperr_durable._store import queue_table as table_of_key
 from whisperr_durable.devserver import DevServer
 
 API_KEY = "wrk_test_key"
@@ -30,7 +30,7 @@ MakeClient = Callable[..., DurableWhisperr]
 
 def queue_table(api_key: str = API_KEY) -> str:
     """The quoted name of ``api_key``'s queue table in an outbox file, for raw SQL."""
-    return _queue_table(key_fingerprint(api_key))
+    return table_of_key(key_fingerprint(api_key))
 
 
 def numbers(events: Iterable[dict[str, Any]]) -> list[int]:

@@ -12,7 +12,7 @@ from conftest import API_KEY, MakeClient, closed_port_url, queue_table, raw
 
 from whisperr_durable import DurableWhisperr, OutboxFile, StoreError
 from whisperr_durable._client import key_fingerprint
-from whisperr_durable._outbox import SCHEMA_VERSION
+from whisperr_durable._store import SCHEMA_VERSION
 from whisperr_durable._wire import utc_now_ms
 from whisperr_durable.devserver import DevServer
 

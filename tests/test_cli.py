@@ -25,7 +25,7 @@ import pytest
 from conftest import API_KEY
 
 from whisperr_durable._client import key_fingerprint
-from whisperr_durable._outbox import SCHEMA_VERSION, Outbox
+from whisperr_durable._store import SCHEMA_VERSION, Outbox
 from whisperr_durable._wire import utc_now_ms
 from whisperr_durable.devserver import DevServer
 

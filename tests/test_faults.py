@@ -44,7 +44,7 @@ from conftest import (
 from whisperr_durable import DurableWhisperr, WhisperrError, _options, _retry, _writer
 from whisperr_durable._client import key_fingerprint
 from whisperr_durable._lock import lock_path
-from whisperr_durable._outbox import APPLICATION_ID, SCHEMA_VERSION, Outbox
+from whisperr_durable._store import APPLICATION_ID, SCHEMA_VERSION, Outbox
 from whisperr_durable._wire import TRACK, encode_track, message_id, utc_now_ms
 from whisperr_durable.devserver import DevServer
 
@@ -1108,7 +1108,7 @@ def test_a_key_read_with_its_newline_never_leaks(
 def test_a_schema_killed_midway_is_made_by_the_next_process(
     db_path: str, server: DevServer
 ) -> None:
-    from whisperr_durable._outbox import _SCHEMA
+    from whisperr_durable._store._schema import SCHEMA
 
     script = textwrap.dedent(
         f"""
@@ -1116,7 +1116,7 @@ def test_a_schema_killed_midway_is_made_by_the_next_process(
         conn = sqlite3.connect({db_path!r}, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("BEGIN IMMEDIATE")
-        for statement in {list(_SCHEMA[:3])!r}:
+        for statement in {list(SCHEMA[:3])!r}:
             conn.execute(statement)
         print("mid-schema", flush=True)
         sys.stdin.read()

@@ -61,10 +61,10 @@ import whisperr_durable._sender
 from whisperr_durable import DurableWhisperr, WhisperrError
 from whisperr_durable._client import key_fingerprint
 from whisperr_durable._lock import lock_path
-from whisperr_durable._outbox import _queue_table
+from whisperr_durable._store import queue_table
 
 API_KEY = "wrk_model_key"
-QUEUE = _queue_table(key_fingerprint(API_KEY))  # this key's queue table in the outbox
+QUEUE = queue_table(key_fingerprint(API_KEY))  # this key's queue table in the outbox
 BASE_URL = "http://whisperr.test"
 BATCH = "/v1/events/batch"
 IDENTIFY = "/v1/identify"

@@ -1,4 +1,4 @@
-"""Direct tests of the SQLite outbox (``whisperr_durable._outbox.Outbox``) on real files."""
+"""Direct tests of the SQLite outbox (``whisperr_durable._store.Outbox``) on real files."""
 
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ from conftest import (
     run_forked,
 )
 
-from whisperr_durable._outbox import (
+from whisperr_durable._store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
     Claim,
     Outbox,
     StoreError,
-    _queue_table,
+    queue_table,
 )
 from whisperr_durable._wire import IDENTIFY, TRACK, utc_now_ms
 
@@ -92,14 +92,14 @@ def ids(c: Claim) -> list[int]:
 def raw_ops(path: str, key_fp: str = KEY) -> dict[int, tuple[int, Optional[str], int]]:
     """id -> (attempts, lease_owner, lease_until_ms) for every row queued for ``key_fp``."""
     rows = raw(
-        path, f"SELECT id, attempts, lease_owner, lease_until_ms FROM {_queue_table(key_fp)}"
+        path, f"SELECT id, attempts, lease_owner, lease_until_ms FROM {queue_table(key_fp)}"
     )
     return {r[0]: (r[1], r[2], r[3]) for r in rows}
 
 
 def raw_bodies(path: str, key_fp: str = KEY) -> list[tuple[int, str]]:
     """(id, body) of every row queued for ``key_fp``, in id order."""
-    return raw(path, f"SELECT id, body FROM {_queue_table(key_fp)} ORDER BY id")
+    return raw(path, f"SELECT id, body FROM {queue_table(key_fp)} ORDER BY id")
 
 
 def tables(path: str) -> set[str]:
@@ -516,7 +516,7 @@ def test_a_claim_takes_nothing_another_sender_leased_after_it_read_the_head(
     outbox: Outbox,
 ) -> None:
     first, second, third = (put(outbox, n) for n in range(3))
-    table = _queue_table(KEY)
+    table = queue_table(KEY)
 
     def other_sender_leases_the_first_two() -> None:
         raw(
@@ -544,7 +544,7 @@ def test_a_claim_never_sends_rows_that_were_replaced_after_it_read_them(
     # must send the new rows (read again), never the old bodies under the new rows' lease.
     for n in range(3):
         put(outbox, n)
-    table = _queue_table(KEY)
+    table = queue_table(KEY)
 
     def delivered_elsewhere_and_refilled() -> None:
         raw(outbox.path, f"DELETE FROM {table}")
@@ -566,7 +566,7 @@ def test_a_claim_never_sends_rows_that_were_replaced_after_it_read_them(
 def test_a_claim_leaves_rows_evicted_after_it_read_them(outbox: Outbox) -> None:
     for n in range(4):
         put(outbox, n)
-    table = _queue_table(KEY)
+    table = queue_table(KEY)
 
     def evicted_by_another_process() -> None:
         raw(outbox.path, f"DELETE FROM {table} WHERE id <= 2")
@@ -1077,7 +1077,7 @@ def test_read_only_file_raises_store_error(tmp_path: Path) -> None:
         if code == 10:
             pytest.skip("could not make the file read-only for an unprivileged user")
         assert code == 0
-        assert raw(path, f"SELECT count(*) FROM {_queue_table(KEY)}") == [(1,)]
+        assert raw(path, f"SELECT count(*) FROM {queue_table(KEY)}") == [(1,)]
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -1180,7 +1180,7 @@ def test_rows_survive_sigkill(db_path: str) -> None:
     script = textwrap.dedent(
         f"""
         import sys
-        from whisperr_durable._outbox import Outbox
+        from whisperr_durable._store import Outbox
         ob = Outbox({db_path!r}, {KEY!r})
         for i in range({n}):
             ob.append({TRACK}, '{{"n": %d}}' % i, {NOW} + i, {BIG_QUEUE})

@@ -35,8 +35,8 @@ from whisperr_durable import DurableWhisperr, WhisperrError
 from whisperr_durable._client import key_fingerprint
 from whisperr_durable._lock import lock_path
 from whisperr_durable._options import DEFAULT_REQUEST_TIMEOUT
-from whisperr_durable._outbox import Outbox
 from whisperr_durable._sender import _LEASE_SLACK
+from whisperr_durable._store import Outbox
 from whisperr_durable._wire import TRACK, utc_now_ms
 from whisperr_durable.devserver import BATCH_PATH, DevServer
 

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from ._billing import BillingEvent
 from ._client import DurableWhisperr, Whisperr
 from ._errors import WhisperrError
-from ._outbox import DeadLetter, StoreError
-from ._outbox import Stats as OutboxStats
 from ._sender import FlushResult
+from ._store import DeadLetter, StoreError
+from ._store import Stats as OutboxStats
 from ._version import __version__
 from ._wire import SDK_NAME
 

@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import Any, Optional
 
 from ._client import key_fingerprint
-from ._outbox import DeadLetter, KeyReport, Outbox
+from ._store import DeadLetter, KeyReport, Outbox
 from ._wire import IDENTIFY, utc_now_ms
 
 

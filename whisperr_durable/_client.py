@@ -30,8 +30,8 @@ from ._options import (
     DEFAULT_SYNC_INTERVAL,
     Options,
 )
-from ._outbox import DeadLetter, Stats, StoreError
 from ._sender import FlushResult, Sender, end_all_before_exit
+from ._store import DeadLetter, Stats, StoreError
 from ._version import __version__
 from ._wire import (
     IDENTIFY,

@@ -35,7 +35,7 @@ from ._options import (
     Options,
     wait_seconds,
 )
-from ._outbox import Outbox, Row, StoreError
+from ._store import Outbox, Row, StoreError
 from ._wire import IDENTIFY, batch_body, utc_now_ms
 from ._writer import Op, Writer
 

@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Optional
 
 from ._errors import WhisperrError
 from ._options import MAX_OVERFLOW, STORE_RETRY_INTERVAL, Options
-from ._outbox import DeadLetter, Outbox, Stats, StoreError
+from ._store import DeadLetter, Outbox, Stats, StoreError
 from ._wire import IDENTIFY
 
 log = logging.getLogger("whisperr_durable")

@@ -47,7 +47,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar
 
 from ._errors import WhisperrError
 from ._options import DEFAULT_BASE_URL
-from ._outbox import DeadLetter, Stats, StoreError
+from ._store import DeadLetter, Stats, StoreError
 from ._version import __version__
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""The outbox: the only module that speaks SQL.
+"""The outbox: one SQLite file, its connections and its queues.
 
 One SQLite file in WAL mode holds a queue of ops per API key (table ``"ops:<fingerprint>"``),
 the ops the server refused (``dead_letters``, bounded) and a few counters. Each row of a queue
@@ -16,106 +16,40 @@ import itertools
 import logging
 import os
 import sqlite3
-import stat
 import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
-from typing import Any, Callable, NamedTuple, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
-from ._options import MAX_LEASE
-from ._wire import IDENTIFY, TRACK, utc_now_ms
+from .._options import MAX_LEASE
+from .._wire import IDENTIFY, TRACK, utc_now_ms
+from ._errors import is_busy, is_corrupt, is_sticky
+from ._paths import access_note, check_ours, prepare_path, sidecars, sync_directory
+from ._records import (
+    Claim,
+    DeadLetter,
+    KeyReport,
+    Row,
+    Stats,
+    StoreError,
+    dead_letter_filters,
+    int_or_zero,
+    sound,
+    text_of,
+)
+from ._schema import (
+    APPLICATION_ID,
+    CREATE_QUEUE,
+    MIN_READER_VERSION,
+    QUEUE_PREFIX,
+    SCHEMA,
+    SCHEMA_VERSION,
+    queue_table,
+)
 
 log = logging.getLogger("whisperr_durable")
-
-# The file's tables, beside one queue table per key (``_CREATE_QUEUE``).
-_SCHEMA = (
-    """CREATE TABLE dead_letters (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        key_fp TEXT NOT NULL,
-        op_id INTEGER NOT NULL,
-        kind INTEGER NOT NULL,
-        body TEXT NOT NULL,
-        created_ms INTEGER NOT NULL,
-        failed_ms INTEGER NOT NULL,
-        attempts INTEGER NOT NULL,
-        status INTEGER,
-        reason TEXT NOT NULL
-    )""",
-    "CREATE INDEX dead_letters_by_key ON dead_letters (key_fp, id)",
-    """CREATE TABLE counters (
-        key_fp TEXT NOT NULL,
-        name TEXT NOT NULL,
-        n INTEGER NOT NULL,
-        PRIMARY KEY (key_fp, name)
-    ) WITHOUT ROWID""",
-    # What each key's sender last did, for operators (``whisperr-durable status``).
-    """CREATE TABLE sender_state (
-        key_fp TEXT PRIMARY KEY,
-        pid INTEGER NOT NULL,
-        last_attempt_ms INTEGER,
-        last_success_ms INTEGER,
-        last_error TEXT,
-        last_error_ms INTEGER
-    ) WITHOUT ROWID""",
-    # Facts about the file itself: min_reader_version (see MIN_READER_VERSION).
-    """CREATE TABLE meta (
-        name TEXT PRIMARY KEY,
-        value INTEGER NOT NULL
-    ) WITHOUT ROWID""",
-)
-
-# One table per key, so that an append writes one page: no index on the key, no trigger
-# kept count, no AUTOINCREMENT sequence. A new id is one above the newest queued row, so ids
-# grow by one per op and the id window bounds the queue; the id of a deleted newest row can
-# come back, so the sender names rows by id and lease owner, never by id alone.
-_CREATE_QUEUE = """CREATE TABLE IF NOT EXISTS {table} (
-    id INTEGER PRIMARY KEY,
-    kind INTEGER NOT NULL,
-    body TEXT NOT NULL,
-    created_ms INTEGER NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    lease_owner TEXT,
-    lease_until_ms INTEGER NOT NULL DEFAULT 0
-)"""
-_QUEUE_PREFIX = "ops:"
-
-
-def _queue_table(key_fp: str) -> str:
-    """The quoted name of one key's queue table."""
-    return '"' + (_QUEUE_PREFIX + key_fp).replace('"', '""') + '"'
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-# The file's schema (``PRAGMA user_version``). Versions 1 and 2 were development schemas,
-# never released, and are not read.
-SCHEMA_VERSION = 3
-# The oldest SDK schema that can still read and write a file of this schema, kept in the
-# file (``meta``). A later schema that only adds (a table, a column with a default) keeps
-# it where it is, so that an older process sharing the file goes on using it; one that
-# changes what rows mean raises it, and older processes then refuse the file.
-MIN_READER_VERSION = 3
-
-# What marks a SQLite file as an outbox (``PRAGMA application_id``, in the file's header):
-# no other database is ever written to.
-APPLICATION_ID = 0x77687264  # "whrd"
-
-# SQLite's result codes for a file that is not (or no longer) a usable database, and its
-# words for them where the error carries no code (Python before 3.11).
-_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_CORRUPT, _SQLITE_NOTADB = 5, 6, 11, 26
-# Errors a connection keeps for as long as it lives (opened read-only, or on a file it can
-# no longer reach): after one, the next attempt needs a fresh connection.
-_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN = 3, 8, 10, 14
-_STICKY = ("readonly database", "unable to open", "disk I/O error", "access permission denied")
-_CORRUPT = (
-    "file is not a database",
-    "database disk image is malformed",
-    "malformed database schema",
-)
 
 # No commit checkpoints in the normal run of things: the sender does, after its commits and
 # when callers ask it to, outside any transaction. This bound only stops the WAL growing
@@ -145,283 +79,6 @@ T = TypeVar("T")
 _MAX_LEASE_MS = int(MAX_LEASE * 1000)
 _EXPIRED = "expired: older than the server's 30-day window"
 _DAMAGED = "damaged: the stored row is not the wire JSON of an op"
-
-
-class StoreError(Exception):
-    """The outbox file could not be read or written (disk full, read-only, locked, ...)."""
-
-
-class Row(NamedTuple):
-    id: int
-    kind: int
-    body: bytes  # the wire JSON, ASCII
-    created_ms: int
-    attempts: int
-
-
-class Claim(NamedTuple):
-    """What one claim took: rows to send now, and rows it dead-lettered instead: expired
-    (the server would refuse them) or damaged (not an op's wire JSON any more); ``pruned``
-    older dead letters removed to keep ``max_dead_letters``."""
-
-    rows: list[Row]
-    expired: int = 0
-    damaged: int = 0
-    pruned: int = 0
-
-
-def _sound(kind: object, body: object, created_ms: object, attempts: object) -> bool:
-    """Whether a queued row is still an op we wrote: the wire JSON (ASCII, one object) of a
-    known kind. Anything else (a damaged page, another program's row) is never sent."""
-    return (
-        kind in (TRACK, IDENTIFY)
-        and isinstance(body, bytes)
-        and isinstance(created_ms, int)
-        and isinstance(attempts, int)
-        and body.isascii()
-        and body[:1] == b"{"
-        and body[-1:] == b"}"
-    )
-
-
-class DeadLetter(NamedTuple):
-    id: int
-    op_id: int
-    kind: str
-    body: str
-    created_ms: int
-    failed_ms: int
-    attempts: int
-    status: Optional[int]
-    reason: str
-    key_fingerprint: str = ""
-
-
-class KeyReport(NamedTuple):
-    """One key's part of an outbox file, as ``key_reports`` reads it."""
-
-    key_fp: str
-    pending_tracks: int = 0
-    pending_identifies: int = 0
-    oldest_created_ms: Optional[int] = None
-    leased: int = 0
-    lease_owner: Optional[str] = None
-    lease_until_ms: Optional[int] = None
-    dead_letters: int = 0
-    evicted: int = 0
-    sender_pid: Optional[int] = None
-    last_attempt_ms: Optional[int] = None
-    last_success_ms: Optional[int] = None
-    last_error: Optional[str] = None
-    last_error_ms: Optional[int] = None
-
-    @classmethod
-    def from_parts(cls, parts: dict[str, Any]) -> KeyReport:
-        sender = parts.get("sender") or (None, None, None, None, None)
-        return cls(
-            key_fp=parts["key_fp"],
-            pending_tracks=parts.get("tracks", 0),
-            pending_identifies=parts.get("identifies", 0),
-            oldest_created_ms=parts.get("oldest_ms"),
-            leased=parts.get("leased", 0),
-            lease_owner=parts.get("lease_owner"),
-            lease_until_ms=parts.get("lease_until_ms"),
-            dead_letters=parts.get("dead_letters", 0),
-            evicted=parts.get("evicted", 0),
-            sender_pid=sender[0],
-            last_attempt_ms=sender[1],
-            last_success_ms=sender[2],
-            last_error=sender[3],
-            last_error_ms=sender[4],
-        )
-
-
-def _text(body: object) -> str:
-    """A stored body as text, whatever damage it took (shown to operators, never sent)."""
-    if isinstance(body, bytes):
-        return body.decode("utf-8", "replace")
-    return str(body)
-
-
-def _int_or_zero(value: object) -> int:
-    return value if isinstance(value, int) else 0
-
-
-def _dead_letter_filters(
-    ids: Optional[Sequence[int]], key_fp: Optional[str]
-) -> Iterator[tuple[str, tuple[Any, ...]]]:
-    """WHERE clauses that select the given dead letters (in chunks SQLite can take)."""
-    key_clause, key_params = (" AND key_fp = ?", (key_fp,)) if key_fp else ("", ())
-    if ids is None:
-        yield (f"WHERE 1{key_clause}", key_params)
-        return
-    ids = list(ids)
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ", ".join("?" * len(chunk))
-        yield (f"WHERE id IN ({marks}){key_clause}", (*chunk, *key_params))
-
-
-class Stats(NamedTuple):
-    """What the outbox holds for one key, and what became of the ops that left it.
-
-    ``evicted`` (by ``max_queue_size``), ``refused`` (moved to the dead letters: refused by
-    the server, expired or damaged) and ``dead_letters_pruned`` (removed by
-    ``max_dead_letters``) are totals kept in the file, for every process. ``store_errors``
-    (failed writes), ``held`` (ops waiting in memory while the file cannot be written) and
-    ``lost`` (ops dropped from memory, or left in a file replaced under the process) are this
-    process's own. ``error`` says why the file could not be read; the file's counts are then
-    0.
-    """
-
-    pending_tracks: int
-    pending_identifies: int
-    oldest_created_ms: Optional[int]
-    dead_letters: int
-    evicted: int
-    schema_version: int
-    store_errors: int = 0
-    refused: int = 0
-    dead_letters_pruned: int = 0
-    held: int = 0
-    lost: int = 0
-    error: Optional[str] = None
-
-    @property
-    def pending(self) -> int:
-        return self.pending_tracks + self.pending_identifies
-
-
-def _primary_code(exc: BaseException) -> Optional[int]:
-    code = getattr(exc, "sqlite_errorcode", None)
-    return code & 0xFF if isinstance(code, int) else None
-
-
-def _is_corrupt(exc: BaseException) -> bool:
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return False
-    code = _primary_code(exc)
-    if code is not None:
-        return code in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
-    return any(m in str(exc) for m in _CORRUPT)
-
-
-def _is_sticky(exc: BaseException) -> bool:
-    if isinstance(exc, OSError):
-        return True
-    code = _primary_code(exc)
-    if code is not None:
-        return code in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CANTOPEN)
-    return any(m in str(exc) for m in _STICKY)
-
-
-def _is_busy(exc: BaseException) -> bool:
-    code = _primary_code(exc)
-    if code is not None:
-        return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
-    text = str(exc)
-    return "database is locked" in text or "database table is locked" in text
-
-
-def _user(uid: int) -> str:
-    try:
-        import pwd
-
-        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
-    except (ImportError, KeyError):
-        return f"uid {uid}"
-
-
-def _access_note(path: str) -> str:
-    """Who this process is and who owns the file (or the nearest directory above it that
-    this process can see): what a person needs to mend "readonly" or "unable to open"."""
-    me = f"this process runs as {_user(os.geteuid())}"
-    name = path
-    while True:
-        try:
-            st = os.stat(name)
-        except OSError:
-            parent = os.path.dirname(name)
-            if parent == name:
-                return me
-            name = parent
-            continue
-        mode = stat.S_IMODE(st.st_mode)
-        return f"{me}; {name} belongs to {_user(st.st_uid)}, mode {mode:04o}"
-
-
-def _sidecars(path: str) -> tuple[str, str]:
-    return path + "-wal", path + "-shm"
-
-
-def _prepare_path(path: str) -> bool:
-    """Make sure the outbox file is ours and private before SQLite opens anything; returns
-    whether the file is new (empty).
-
-    In a shared directory (``/tmp``) another user can place a symbolic link at the path, or
-    a file of their own that they can read and write: we would then queue events into their
-    hands, and deliver, with our key, rows they inserted. So the file, its ``-wal`` and its
-    ``-shm`` must be regular files of ours (one that is too open is made private); the file
-    is created here, 0600, never through a link. SQLite itself never follows a link to
-    ``-wal`` or ``-shm``, and the two are checked again once SQLite has opened them. Files are
-    only ever created or looked at here, never opened: closing any descriptor of a file
-    drops every POSIX lock this process holds on it, SQLite's included, and another process
-    could then checkpoint and delete the WAL our connections still write to.
-    """
-    # Every directory we create is 0700 (os.makedirs would give only the last one the mode).
-    missing = []
-    parent = os.path.dirname(path)
-    while parent and not os.path.isdir(parent) and parent != os.path.dirname(parent):
-        missing.append(parent)
-        parent = os.path.dirname(parent)
-    for directory in reversed(missing):
-        with suppress(FileExistsError):
-            os.mkdir(directory, 0o700)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:  # also a link, dangling or not: _check_ours refuses it
-        pass
-    else:
-        os.close(fd)  # a new inode: no lock of anyone's is on it
-    _check_ours(path)
-    writable = os.access(path, os.W_OK)
-    for name in _sidecars(path):
-        _check_ours(name, writable=writable)
-    # Empty: made just now (or by a process that died before it wrote the schema).
-    return os.stat(path).st_size == 0
-
-
-def _check_ours(name: str, *, writable: bool = False) -> None:
-    """Refuse ``name`` unless it is a regular file of ours; make it private. ``writable``:
-    it is the -wal or -shm of a file we can write, so it must be writable too (SQLite gives
-    them the mode of the database file as it was when it made them: a file that was
-    read-only then would stay unusable once writable again)."""
-    try:
-        st = os.lstat(name)
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(st.st_mode):
-        raise StoreError(f"{name} is a symbolic link; an outbox is never opened through one")
-    if not stat.S_ISREG(st.st_mode):
-        raise StoreError(f"{name} is not a regular file")
-    if st.st_uid != os.geteuid():
-        raise StoreError(
-            f"{name} belongs to {_user(st.st_uid)} (mode {stat.S_IMODE(st.st_mode):04o}), not "
-            f"to this process's user {_user(os.geteuid())}: refusing a file that another user "
-            "can read or fill"
-        )
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077 or (writable and mode & 0o600 != 0o600):
-        os.chmod(name, 0o600)  # ours, and not a link: make it private
-
-
-def _sync_directory(path: str) -> None:
-    """fsync the directory holding ``path``, so that the file's name survives a power cut."""
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # Files whose -shm was replaced under this process, and what to say about them: this
@@ -512,7 +169,7 @@ class _Plan:
                     break
                 batch.append(Row(op_id, kind, body, created_ms, attempts))
                 continue
-            if not _sound(kind, body, created_ms, attempts):
+            if not sound(kind, body, created_ms, attempts):
                 damaged.append(op_id)
                 continue
             # An identify goes alone.
@@ -547,7 +204,7 @@ class Outbox:
         make an outbox of a file that is not one, never move a corrupt one aside."""
         self.path = path
         self.key_fp = key_fp
-        self._table = _queue_table(key_fp)
+        self._table = queue_table(key_fp)
         self._insert = f"INSERT INTO {self._table} (kind, body, created_ms) VALUES (?, ?, ?)"
         # The body as bytes: a row that is not valid UTF-8 must not fail the whole read.
         self._head_sql = (
@@ -645,7 +302,7 @@ class Outbox:
         try:
             conn = self._open()
         except sqlite3.DatabaseError as exc:
-            if not _is_corrupt(exc) or self._inspect_only:
+            if not is_corrupt(exc) or self._inspect_only:
                 raise
             self._move_aside(str(exc))
             conn = self._open()
@@ -724,7 +381,7 @@ class Outbox:
             if not os.path.isfile(self.path):
                 raise FileNotFoundError(f"no outbox at {self.path}")
         else:
-            created = _prepare_path(self.path)
+            created = prepare_path(self.path)
         # timeout=0: SQLite's own busy handler sleeps up to 100 ms a step; ours retries sooner.
         self._generation = _GENERATION.get(self.path, 0)
         conn = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
@@ -737,20 +394,20 @@ class Outbox:
                 self._shm_inode = self._inode_of(self.path + "-shm")
                 return conn
             writable = os.access(self.path, os.W_OK)
-            for name in _sidecars(self.path):  # made by SQLite on that first read, if missing
-                _check_ours(name, writable=writable)
+            for name in sidecars(self.path):  # made by SQLite on that first read, if missing
+                check_ours(name, writable=writable)
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
             conn.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
             conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
             # A WAL file that grew during a burst is cut back to this after a checkpoint.
             conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             self._version = self._create(conn, version)
-            self._retry_busy(lambda: conn.execute(_CREATE_QUEUE.format(table=self._table)))
+            self._retry_busy(lambda: conn.execute(CREATE_QUEUE.format(table=self._table)))
             if created:
                 # The schema reaches the disk now, not at some later checkpoint: a power cut
                 # must not leave a file that no longer reads as an outbox.
                 self._retry_busy(lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
-                _sync_directory(self.path)
+                sync_directory(self.path)
             self._shm_inode = self._inode_of(self.path + "-shm")
         except BaseException:
             conn.close()
@@ -870,7 +527,7 @@ class Outbox:
             version = self._check_version(conn)
             self._check_is_outbox(conn, version)
             if not version:
-                for statement in _SCHEMA:
+                for statement in SCHEMA:
                     conn.execute(statement)
                 conn.execute(
                     "INSERT INTO meta (name, value) VALUES ('min_reader_version', ?)",
@@ -894,7 +551,7 @@ class Outbox:
             try:
                 return fn()
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() >= deadline:
+                if not is_busy(exc) or time.monotonic() >= deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, _LAST_BUSY_WAIT)
@@ -908,7 +565,7 @@ class Outbox:
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as exc:
-                    if not _is_busy(exc):
+                    if not is_busy(exc):
                         raise
                     self._retry_busy(lambda: conn.execute("BEGIN IMMEDIATE"))
                 try:
@@ -943,7 +600,7 @@ class Outbox:
 
     def _store_error(self, exc: BaseException) -> StoreError:
         conn = self._conn
-        if _is_corrupt(exc) and conn is not None and not self._inspect_only:
+        if is_corrupt(exc) and conn is not None and not self._inspect_only:
             # Found corrupt in use: set it aside so that the next call starts afresh. The
             # connection is closed first: once the file is renamed, closing it could delete
             # the WAL of a new file by its name.
@@ -953,7 +610,7 @@ class Outbox:
                 self._move_aside(str(exc), stranded)
             except OSError as move_error:  # filelock.Timeout is an OSError too
                 log.warning("whisperr_durable: could not move %s aside: %s", self.path, move_error)
-        elif _is_sticky(exc):
+        elif is_sticky(exc):
             # A connection remembers some failures ("attempt to write a readonly database"
             # lasts as long as it does): the next attempt starts on a fresh one, and so do
             # the other connections of this process to the file.
@@ -962,8 +619,8 @@ class Outbox:
                 _GENERATION[self.path] = _GENERATION.get(self.path, 0) + 1
             _close_others(self.path)
         text = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, (sqlite3.OperationalError, PermissionError)) and not _is_busy(exc):
-            text += f" ({_access_note(self.path)})"
+        if isinstance(exc, (sqlite3.OperationalError, PermissionError)) and not is_busy(exc):
+            text += f" ({access_note(self.path)})"
         return StoreError(text)
 
     def open(self) -> None:
@@ -1004,7 +661,7 @@ class Outbox:
                 try:
                     row_id = conn.execute(self._insert, params).lastrowid
                 except sqlite3.OperationalError as exc:
-                    if not _is_busy(exc):
+                    if not is_busy(exc):
                         raise
                     row_id = self._retry_busy(lambda: conn.execute(self._insert, params).lastrowid)
             except (sqlite3.Error, OSError) as exc:
@@ -1338,19 +995,13 @@ class Outbox:
 
     def _queues(self, key_fp: Optional[str]) -> list[tuple[str, str]]:
         """``(key_fp, quoted table name)`` of the queues in the file, or of one key's."""
-        if self._version < 3:  # a file of an older SDK, looked at: one table for all keys
-            fps = self._read(
-                "SELECT DISTINCT key_fp FROM ops" + (" WHERE key_fp = ?" if key_fp else ""),
-                (key_fp,) if key_fp else (),
-            )
-            return [(fp, f"(SELECT * FROM ops WHERE key_fp = {_literal(fp)})") for (fp,) in fps]
         names = self._read(
             "SELECT name FROM sqlite_master WHERE type = 'table' AND substr(name, 1, ?) = ? "
             "ORDER BY name",
-            (len(_QUEUE_PREFIX), _QUEUE_PREFIX),
+            (len(QUEUE_PREFIX), QUEUE_PREFIX),
         )
-        fps = [name[len(_QUEUE_PREFIX) :] for (name,) in names]
-        return [(fp, _queue_table(fp)) for fp in fps if key_fp is None or fp == key_fp]
+        fps = [name[len(QUEUE_PREFIX) :] for (name,) in names]
+        return [(fp, queue_table(fp)) for fp in fps if key_fp is None or fp == key_fp]
 
     def key_reports(self, key_fp: Optional[str], now_ms: int) -> list[KeyReport]:
         where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
@@ -1401,7 +1052,7 @@ class Outbox:
         delivery (id) order, the keys' merged by age."""
         queues = [
             [
-                (op_id, fp, kind, _text(body), created_ms, attempts)
+                (op_id, fp, kind, text_of(body), created_ms, attempts)
                 for op_id, kind, body, created_ms, attempts in self._read(
                     f"SELECT id, kind, CAST(body AS BLOB), created_ms, attempts FROM {table} "
                     "ORDER BY id LIMIT ?",
@@ -1410,7 +1061,7 @@ class Outbox:
             ]
             for fp, table in self._queues(key_fp)
         ]
-        return list(itertools.islice(heapq.merge(*queues, key=lambda r: _int_or_zero(r[4])), limit))
+        return list(itertools.islice(heapq.merge(*queues, key=lambda r: int_or_zero(r[4])), limit))
 
     def all_dead_letters(self, limit: Optional[int], key_fp: Optional[str]) -> list[DeadLetter]:
         where, params = ("WHERE key_fp = ?", (key_fp,)) if key_fp else ("", ())
@@ -1420,7 +1071,9 @@ class Outbox:
             (*params, -1 if limit is None else limit),
         )
         return [
-            DeadLetter(r[0], r[1], "identify" if r[2] == IDENTIFY else "track", _text(r[3]), *r[4:])
+            DeadLetter(
+                r[0], r[1], "identify" if r[2] == IDENTIFY else "track", text_of(r[3]), *r[4:]
+            )
             for r in rows
         ]
 
@@ -1428,7 +1081,7 @@ class Outbox:
         """Put dead letters back at the end of their key's queue, bodies (and ids) unchanged."""
         with self._write() as conn:
             moved = 0
-            for where, params in _dead_letter_filters(ids, key_fp):
+            for where, params in dead_letter_filters(ids, key_fp):
                 if self._version < 3:  # a file of an older SDK, looked at
                     conn.execute(
                         "INSERT INTO ops (key_fp, kind, body, created_ms) SELECT key_fp, kind, "
@@ -1441,8 +1094,8 @@ class Outbox:
                         f"SELECT DISTINCT key_fp FROM dead_letters {where}", params
                     ).fetchall()
                 for (fp,) in keys:
-                    table = _queue_table(fp)
-                    conn.execute(_CREATE_QUEUE.format(table=table))
+                    table = queue_table(fp)
+                    conn.execute(CREATE_QUEUE.format(table=table))
                     conn.execute(
                         f"INSERT INTO {table} (kind, body, created_ms) SELECT kind, body, "
                         f"created_ms FROM dead_letters {where} AND key_fp = ? ORDER BY id",
@@ -1456,7 +1109,7 @@ class Outbox:
         with self._write() as conn:
             return sum(
                 conn.execute(f"DELETE FROM dead_letters {where}", params).rowcount
-                for where, params in _dead_letter_filters(ids, key_fp)
+                for where, params in dead_letter_filters(ids, key_fp)
             )
 
     def checkpoint(self, *, truncate: bool = False) -> None:

@@ -1,0 +1,24 @@
+"""The store: every SQL statement of the SDK lives in this package.
+
+``_schema`` (the tables, the version and the marker), ``_paths`` (trusting the file's
+path), ``_errors`` (what an sqlite3 error says), ``_records`` (what the store hands out)
+and ``_outbox`` (the connections and the queues).
+"""
+
+from ._outbox import Outbox
+from ._records import Claim, DeadLetter, KeyReport, Row, Stats, StoreError
+from ._schema import APPLICATION_ID, MIN_READER_VERSION, SCHEMA_VERSION, queue_table
+
+__all__ = [
+    "APPLICATION_ID",
+    "MIN_READER_VERSION",
+    "SCHEMA_VERSION",
+    "Claim",
+    "DeadLetter",
+    "KeyReport",
+    "Outbox",
+    "Row",
+    "Stats",
+    "StoreError",
+    "queue_table",
+]

@@ -1,0 +1,74 @@
+"""The outbox file's schema: its tables, its version and its marker."""
+
+from __future__ import annotations
+
+# The file's tables, beside one queue table per key (``CREATE_QUEUE``).
+SCHEMA = (
+    """CREATE TABLE dead_letters (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        key_fp TEXT NOT NULL,
+        op_id INTEGER NOT NULL,
+        kind INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        failed_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL,
+        status INTEGER,
+        reason TEXT NOT NULL
+    )""",
+    "CREATE INDEX dead_letters_by_key ON dead_letters (key_fp, id)",
+    """CREATE TABLE counters (
+        key_fp TEXT NOT NULL,
+        name TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (key_fp, name)
+    ) WITHOUT ROWID""",
+    # What each key's sender last did, for operators (``whisperr-durable status``).
+    """CREATE TABLE sender_state (
+        key_fp TEXT PRIMARY KEY,
+        pid INTEGER NOT NULL,
+        last_attempt_ms INTEGER,
+        last_success_ms INTEGER,
+        last_error TEXT,
+        last_error_ms INTEGER
+    ) WITHOUT ROWID""",
+    # Facts about the file itself: min_reader_version (see MIN_READER_VERSION).
+    """CREATE TABLE meta (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+)
+
+# One table per key, so that an append writes one page: no index on the key, no trigger
+# kept count, no AUTOINCREMENT sequence. A new id is one above the newest queued row, so ids
+# grow by one per op and the id window bounds the queue; the id of a deleted newest row can
+# come back, so the sender names rows by id and lease owner, never by id alone.
+CREATE_QUEUE = """CREATE TABLE IF NOT EXISTS {table} (
+    id INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT,
+    lease_until_ms INTEGER NOT NULL DEFAULT 0
+)"""
+QUEUE_PREFIX = "ops:"
+
+
+def queue_table(key_fp: str) -> str:
+    """The quoted name of one key's queue table."""
+    return '"' + (QUEUE_PREFIX + key_fp).replace('"', '""') + '"'
+
+
+# The file's schema (``PRAGMA user_version``). Versions 1 and 2 were development schemas,
+# never released, and are not read.
+SCHEMA_VERSION = 3
+# The oldest SDK schema that can still read and write a file of this schema, kept in the
+# file (``meta``). A later schema that only adds (a table, a column with a default) keeps
+# it where it is, so that an older process sharing the file goes on using it; one that
+# changes what rows mean raises it, and older processes then refuse the file.
+MIN_READER_VERSION = 3
+
+# What marks a SQLite file as an outbox (``PRAGMA application_id``, in the file's header):
+# no other database is ever written to.
+APPLICATION_ID = 0x77687264  # "whrd"
