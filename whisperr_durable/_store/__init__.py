@@ -1,8 +1,9 @@
 """The store: every SQL statement of the SDK lives in this package.
 
 ``_schema`` (the tables, the version and the marker), ``_paths`` (trusting the file's
-path), ``_errors`` (what an sqlite3 error says), ``_records`` (what the store hands out)
-and ``_outbox`` (the connections and the queues).
+path), ``_errors`` (what an sqlite3 error says), ``_records`` (what the store hands out),
+``_connection`` (a connection to the file: opened, checked, kept or dropped) and
+``_outbox`` (the queues, on a connection).
 """
 
 from ._outbox import Outbox
