@@ -131,9 +131,11 @@ class Connection:
         # Held around every use of the connection, so that a fork can wait for it to be idle.
         self._guard = threading.RLock()
         _live_outboxes.add(self)
+        self._opened()
 
     def _opened(self) -> None:
-        """Told of every new connection: a subclass forgets what it knew of the file."""
+        """Told at construction and of every new connection: a subclass (re)sets what it
+        knows of the file."""
 
     @property
     def is_open(self) -> bool:

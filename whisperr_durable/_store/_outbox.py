@@ -15,7 +15,7 @@ import itertools
 import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from .._options import MAX_LEASE
 from .._wire import IDENTIFY, TRACK, utc_now_ms
@@ -108,27 +108,9 @@ class _Plan:
 class Outbox(Connection):
     """One key's queue in the outbox file, and the file's views for operators."""
 
-    def __init__(
-        self,
-        path: str,
-        key_fp: str,
-        *,
-        fsync: bool = False,
-        store_timeout: float = 5.0,
-        max_dead_letters: int = 1000,
-        report: Optional[Callable[[str, str], None]] = None,
-        inspect_only: bool = False,
-    ) -> None:
-        """See :class:`Connection`."""
-        super().__init__(
-            path,
-            key_fp,
-            fsync=fsync,
-            store_timeout=store_timeout,
-            max_dead_letters=max_dead_letters,
-            report=report,
-            inspect_only=inspect_only,
-        )
+    def _opened(self) -> None:
+        # At construction, and on every new connection (another file, maybe, or the same
+        # one changed meanwhile): what the queue's appends remember of the file starts over.
         self._insert = f"INSERT INTO {self._table} (kind, body, created_ms) VALUES (?, ?, ?)"
         # The body as bytes: a row that is not valid UTF-8 must not fail the whole read.
         self._head_sql = (
@@ -145,9 +127,6 @@ class Outbox(Connection):
         # does not rescan them on every append. An id can come back (a queue that empties
         # starts again at 1), with the same owner: the expiry tells one lease from another.
         self._evict_hint: tuple[tuple[int, Optional[str], Any], int] = ((0, None, 0), 0)
-
-    def _opened(self) -> None:
-        self._oldest_until = 0.0  # another file, or the same one changed meanwhile
 
     # ---- the write path ----
 
