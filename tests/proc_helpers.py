@@ -100,7 +100,8 @@ def producer(args: dict[str, Any]) -> None:
     """Track ``n`` events as fast as possible, then flush, shut down, or just exit.
 
     With ``barrier``, waits for a line on stdin after announcing ``ready`` so that several
-    producers start together.
+    producers start together. With ``hold``, stays alive after ``done`` (its sender going on
+    with whatever other processes queue) until stdin ends.
     """
     client = make_client(args)
     emit("ready")
@@ -114,6 +115,8 @@ def producer(args: dict[str, Any]) -> None:
     else:
         flushed = client.shutdown(args.get("flush_timeout", 30.0))
     emit("done", flush=result(flushed), problems=PROBLEMS.snapshot())
+    if args.get("hold"):
+        sys.stdin.read()
 
 
 def hold_lock(args: dict[str, Any]) -> None:

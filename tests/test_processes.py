@@ -355,6 +355,7 @@ def test_flush_in_a_process_that_does_not_lead_is_a_barrier_for_its_own_ops(
         flush_at=100_000,
         flush_interval=3600.0,
         finish="flush",
+        hold=True,  # alive until the end: its sender delivers what B queues meanwhile
     )
     leader.expect("ready")
     leader.expect("tracked")

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from ._errors import WhisperrError
+from ._errors import Reporter, WhisperrError
 from ._options import (
     DEFAULT_BASE_URL,
     DEFAULT_FLUSH_AT,
@@ -116,7 +116,7 @@ class DurableWhisperr:
         if not (key.isascii() and key.isprintable()):
             raise ValueError("api_key has characters that cannot be sent in an HTTP header")
         self._disabled = bool(disabled)
-        self._on_error = on_error
+        self._emit = Reporter(on_error)
         self._strict = strict
         if debug:
             _enable_debug_logging()
@@ -498,14 +498,6 @@ class DurableWhisperr:
             raise error from (None if error is exc else exc)
         log.warning("whisperr_durable: %s call not queued: %s", method, error)
         self._emit(WhisperrError("dropped", f"{method} not queued: {error}"))
-
-    def _emit(self, error: WhisperrError) -> None:
-        if self._on_error is None:
-            return
-        try:
-            self._on_error(error)
-        except Exception:  # the host's callback must never break delivery
-            log.debug("on_error raised", exc_info=True)
 
     def _after_fork_in_child(self) -> None:
         self._writer.after_fork_in_child()

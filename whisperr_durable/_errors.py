@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from typing import Callable, Optional
+
+log = logging.getLogger("whisperr_durable")
 
 
 class WhisperrError:
@@ -18,6 +21,8 @@ class WhisperrError:
       and the oldest ops evicted by ``max_queue_size``.
     - ``"store_error"``: the outbox file could not be written (disk full, read-only, locked
       past ``store_timeout``); the op of that call was not stored.
+    - ``"config"``: the server answered 404 or 405 for a whole batch: the URL is wrong.
+      Delivery pauses; ops stay queued.
     """
 
     __slots__ = ("message", "status", "type")
@@ -38,3 +43,21 @@ class WhisperrError:
             f"WhisperrError(type={self.type!r}, message={self.message!r}, "
             f"status={self.status!r})"
         )
+
+
+class Reporter:
+    """Hands reports to the host's ``on_error`` (if any) from the client, its writer and its
+    sender alike; whatever the callback raises stays here, logged at DEBUG."""
+
+    __slots__ = ("_on_error",)
+
+    def __init__(self, on_error: Optional[Callable[[WhisperrError], None]]) -> None:
+        self._on_error = on_error
+
+    def __call__(self, error: WhisperrError) -> None:
+        if self._on_error is None:
+            return
+        try:
+            self._on_error(error)
+        except Exception:  # the host's callback must never break delivery
+            log.debug("on_error raised", exc_info=True)
