@@ -241,6 +241,10 @@ def _dumps(obj: Any, tree: dict[Any, Any], other: Optional[dict[Any, Any]] = Non
         text = _ENCODER.encode(obj)
     except _JSON_ERRORS as exc:
         raise _invalid(exc) from None
+    return _within_limit(text)
+
+
+def _within_limit(text: str) -> str:
     if len(text) > MAX_OP_BYTES:
         raise InvalidOp(f"encoded op is {len(text)} bytes, over the {MAX_OP_BYTES} byte limit")
     return text
@@ -317,6 +321,15 @@ def _require_user_id(external_user_id: Any) -> None:
         raise InvalidOp("external_user_id must be a non-empty string")
 
 
+def _event_name(event_type: Any) -> str:
+    if not isinstance(event_type, str):
+        raise InvalidOp("event_type must be a string")
+    name = event_type.strip()
+    if not EVENT_TYPE.match(name):
+        raise InvalidOp(f'invalid event_type "{name[:100]}": expected snake_case')
+    return name
+
+
 def _optional_mapping(name: str, value: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -338,11 +351,7 @@ def encode_track(
 ) -> str:
     """The wire JSON of one event, or :class:`InvalidOp`."""
     _require_user_id(external_user_id)
-    if not isinstance(event_type, str):
-        raise InvalidOp("event_type must be a string")
-    name = event_type.strip()
-    if not EVENT_TYPE.match(name):
-        raise InvalidOp(f'invalid event_type "{name[:100]}": expected snake_case')
+    name = _event_name(event_type)
     props = _optional_mapping("properties", properties)
     ctx = _optional_mapping("context", context)
     event = {
@@ -402,9 +411,7 @@ class TrackEncoder:
                 epoch_ms,
             )
         _require_user_id(external_user_id)
-        name = event_type.strip()
-        if not EVENT_TYPE.match(name):
-            raise InvalidOp(f'invalid event_type "{name[:100]}": expected snake_case')
+        name = _event_name(event_type)
         if properties:
             try:
                 _check(properties)
@@ -427,9 +434,7 @@ class TrackEncoder:
             + msg_id
             + '"}}'
         )
-        if len(text) > MAX_OP_BYTES:
-            raise InvalidOp(f"encoded op is {len(text)} bytes, over the {MAX_OP_BYTES} byte limit")
-        return text
+        return _within_limit(text)
 
 
 def _wire_channel(channel: Any) -> dict[str, Any]:

@@ -145,13 +145,16 @@ class Outbox(Connection):
                     self._last_id = op_id
                     return op_id, self._bound(conn, op_id, max_queue_size, 1)
             op_id = self._last_id = self._insert_one(self._insert, (kind, body, created_ms))
-            if op_id <= self._oldest_seen:
-                self._oldest_until = 0.0  # the queue emptied and its ids started again
+            self._note_id(op_id)
             if self._within_bound(op_id, max_queue_size):
                 return op_id, 0
             # Other processes appended meanwhile: evict now, in a transaction of its own.
             with self._write() as conn:
                 return op_id, self._bound(conn, op_id, max_queue_size, 1)
+
+    def _note_id(self, op_id: int) -> None:
+        if op_id <= self._oldest_seen:
+            self._oldest_until = 0.0  # the queue emptied and its ids started again
 
     def _within_bound(self, op_id: int, max_queue_size: int) -> bool:
         """Whether an op of id ``op_id`` surely leaves nothing to evict."""
@@ -176,8 +179,7 @@ class Outbox(Connection):
         # of max_queue_size at once, so that calls at a full queue cost about what calls at
         # an empty one do. A queue far over this client's bound (left by a client with a
         # larger one) shrinks over several calls, so that no one call holds the caller long.
-        if newest <= self._oldest_seen:
-            self._oldest_until = 0.0  # the queue emptied and its ids started again
+        self._note_id(newest)
         cutoff = newest - max_queue_size
         if cutoff <= 0:
             return 0
