@@ -811,8 +811,7 @@ class _Chaos:
 
         def wrote_again() -> bool:
             return all(
-                c.records >= targets.get(c.name, 0) or c.done or c.eof
-                for c in self.live(PRODUCER)
+                c.records >= targets.get(c.name, 0) or c.done or c.eof for c in self.live(PRODUCER)
             )
 
         self.wait(wrote_again, self._t())

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -56,6 +56,42 @@ def raw(path: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
     """Read the file through a connection of our own, as another process would."""
     with closing(sqlite3.connect(path, isolation_level=None, timeout=10)) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def set_lease(
+    path: str,
+    owner: str,
+    until_ms: int,
+    first: Optional[int] = None,
+    last: Optional[int] = None,
+    api_key: str = API_KEY,
+) -> None:
+    """Write a sender's lease on rows ``first``..``last`` of a key's queue (by default,
+    every queued row), as a sender of another process does when it claims them."""
+    with closing(sqlite3.connect(path, isolation_level=None, timeout=10)) as conn:
+        lo, hi = conn.execute(f"SELECT min(id), max(id) FROM {queue_table(api_key)}").fetchone()
+        conn.execute(
+            "INSERT OR REPLACE INTO leases (key_fp, owner, first_id, last_id, until_ms) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (
+                key_fingerprint(api_key),
+                owner,
+                lo if first is None else first,
+                hi if last is None else last,
+                until_ms,
+            ),
+        )
+
+
+def leased_ids(path: str, api_key: str = API_KEY, *, live_at: int = 0) -> list[int]:
+    """Ids of a key's queued rows under a sender's lease (one still running at ``live_at``)."""
+    rows = raw(
+        path,
+        f"SELECT q.id FROM {queue_table(api_key)} AS q JOIN leases AS l ON l.key_fp = ? "
+        "AND q.id BETWEEN l.first_id AND l.last_id WHERE l.until_ms > ? ORDER BY q.id",
+        (key_fingerprint(api_key), live_at),
+    )
+    return [op_id for (op_id,) in rows]
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:

@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, MakeClient, closed_port_url, queue_table, raw
+from conftest import API_KEY, MakeClient, closed_port_url, raw, set_lease
 
 from whisperr_durable import DurableWhisperr, OutboxFile, StoreError
 from whisperr_durable._client import key_fingerprint
@@ -54,10 +54,7 @@ def test_status_shows_a_batch_in_flight_and_the_process_holding_it(
     client = make_client()
     client.track("u1", "in_flight")
     owner = "4242-abcdef"
-    with sqlite3.connect(db_path) as conn:
-        conn.execute(
-            f"UPDATE {queue_table()} SET lease_owner = ?, lease_until_ms = ?", (owner, 2**62)
-        )
+    set_lease(db_path, owner, 2**62)
     with OutboxFile(db_path) as outbox:
         (key,) = outbox.status().keys
     assert (key.leased, key.lease_owner_pid, key.lease_until_ms) == (1, 4242, 2**62)

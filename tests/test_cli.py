@@ -323,7 +323,7 @@ def test_status_shows_pending_dead_letters_and_a_leased_batch(
         )
     finally:
         outbox.close()
-    assert len(claim.rows) == 2
+    assert claim.run is not None and claim.run.ops == 2
 
     data = status_json(env, db_path)
     assert data["path"] == db_path

@@ -44,7 +44,6 @@ DAY_MS = 24 * 3600 * 1000
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 @pytest.fixture
 def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_retry, "backoff", lambda n, rand=None: 0.001)

@@ -53,9 +53,7 @@ CHILD_TIMEOUT = 30.0
 # ---- helpers ----
 
 
-def run_child(
-    script: str, *args: str, what: str, timeout: float = CHILD_TIMEOUT
-) -> dict[str, Any]:
+def run_child(script: str, *args: str, what: str, timeout: float = CHILD_TIMEOUT) -> dict[str, Any]:
     """Run ``script`` in a fresh interpreter; its last stdout line is a JSON report. A child
     still running after ``timeout`` is killed and the test fails: ``what`` hung."""
     try:
@@ -530,9 +528,7 @@ class GetitemRaises(Mapping[str, Any]):
 
 
 HOSTILE_CALLS: dict[str, Callable[[DurableWhisperr], object]] = {
-    "an unprintable object in properties": lambda c: c.track(
-        "u1", "e", {"x": UnprintableValue()}
-    ),
+    "an unprintable object in properties": lambda c: c.track("u1", "e", {"x": UnprintableValue()}),
     "an unprintable Decimal NaN in properties": lambda c: c.track(
         "u1", "e", {"amount": UnprintableDecimal("NaN")}
     ),

@@ -27,6 +27,7 @@ from conftest import (
     API_KEY,
     MakeClient,
     closed_port_url,
+    leased_ids,
     numbers,
     queue_table,
     raw,
@@ -56,8 +57,7 @@ def sdk_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def leased_rows(db_path: str) -> int:
-    ((n,),) = raw(db_path, f"SELECT count(*) FROM {queue_table()} WHERE lease_owner IS NOT NULL")
-    return int(n)
+    return len(leased_ids(db_path))
 
 
 def reported_counts(errors: list[WhisperrError], pattern: str) -> list[int]:
@@ -378,9 +378,10 @@ def test_a_huge_answer_is_not_read(server: DevServer, make_client: MakeClient) -
 def head_lease(db_path: str) -> Optional[tuple[str, int]]:
     rows = raw(
         db_path,
-        f"SELECT lease_owner, lease_until_ms FROM {queue_table()} ORDER BY id LIMIT 1",
+        f"SELECT l.owner, l.until_ms FROM leases AS l JOIN (SELECT id FROM {queue_table()} "
+        "ORDER BY id LIMIT 1) AS h ON h.id BETWEEN l.first_id AND l.last_id",
     )
-    return (rows[0][0], rows[0][1]) if rows and rows[0][0] else None
+    return (rows[0][0], rows[0][1]) if rows else None
 
 
 def write_lock_free(db_path: str) -> bool:

@@ -178,8 +178,7 @@ def test_an_outbox_of_another_user_is_refused_and_its_ops_delivered_from_memory(
         if [e.type for e in errors] != ["store_error"]:
             code |= 1
         elif not all(
-            word in errors[0].message
-            for word in (".whisperr.db", "nobody", "root", "mode 0600")
+            word in errors[0].message for word in (".whisperr.db", "nobody", "root", "mode 0600")
         ):
             code |= 2  # the path, who we are, who owns it and how
         if (result.pending, result.lost) != (0, 0):

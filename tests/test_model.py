@@ -442,11 +442,16 @@ class QueueMachine(RuleBasedStateMachine):
         conn = sqlite3.connect(self.path, timeout=5)
         try:
             with conn:
-                changed = conn.execute(
-                    f"UPDATE {QUEUE} SET lease_owner = 'pid-of-a-dead-sender', "
-                    f"lease_until_ms = ? WHERE id IN (SELECT id FROM {QUEUE} ORDER BY id LIMIT ?)",
-                    (int(time.time() * 1000) + 100_000, rows),
-                ).rowcount
+                ((first, last, changed),) = conn.execute(
+                    f"SELECT min(id), max(id), count(*) FROM (SELECT id FROM {QUEUE} "
+                    "ORDER BY id LIMIT ?)",
+                    (rows,),
+                ).fetchall()
+                conn.execute(
+                    "INSERT OR REPLACE INTO leases (key_fp, owner, first_id, last_id, until_ms) "
+                    "VALUES (?, 'pid-of-a-dead-sender', ?, ?, ?)",
+                    (key_fingerprint(API_KEY), first, last, int(time.time() * 1000) + 100_000),
+                )
         finally:
             conn.close()
         assert changed == rows

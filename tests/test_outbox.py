@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import pytest
 from conftest import (
@@ -28,10 +28,12 @@ from conftest import (
 from whisperr_durable._store import (
     APPLICATION_ID,
     SCHEMA_VERSION,
-    Claim,
     Outbox,
+    Row,
+    Run,
     StoreError,
     queue_table,
+    run_of,
 )
 from whisperr_durable._wire import IDENTIFY, TRACK, utc_now_ms
 
@@ -74,8 +76,8 @@ def claim(
     max_bytes: int = 512 * 1024,
     lease_ms: int = LEASE_MS,
     max_age_ms: int = MAX_AGE_MS,
-) -> Claim:
-    return ob.claim(
+) -> Claimed:
+    c = ob.claim(
         owner,
         max_rows=max_rows,
         max_bytes=max_bytes,
@@ -83,18 +85,47 @@ def claim(
         max_age_ms=max_age_ms,
         now_ms=now_ms,
     )
+    rows = ob.rows(c.run.first, c.run.last) if c.run else []
+    if c.run:
+        # The run the sender sends is exactly its rows, in id order, joined for the wire.
+        assert c.run == run_of(rows)
+    return Claimed(rows, c.run, c.expired, c.damaged, c.pruned)
 
 
-def ids(c: Claim) -> list[int]:
+class Claimed(NamedTuple):
+    """A claim, with the rows of its run."""
+
+    rows: list[Row]
+    run: Optional[Run]
+    expired: int
+    damaged: int
+    pruned: int
+
+
+def ids(c: Claimed) -> list[int]:
     return [row.id for row in c.rows]
 
 
 def raw_ops(path: str, key_fp: str = KEY) -> dict[int, tuple[int, Optional[str], int]]:
-    """id -> (attempts, lease_owner, lease_until_ms) for every row queued for ``key_fp``."""
+    """id -> (attempts, lease owner, lease expiry) for every row queued for ``key_fp``
+    (``None, 0``: under no lease)."""
     rows = raw(
-        path, f"SELECT id, attempts, lease_owner, lease_until_ms FROM {queue_table(key_fp)}"
+        path,
+        f"SELECT q.id, q.attempts, l.owner, coalesce(l.until_ms, 0) FROM {queue_table(key_fp)} "
+        "AS q LEFT JOIN leases AS l ON l.key_fp = ? AND q.id BETWEEN l.first_id AND l.last_id",
+        (key_fp,),
     )
     return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def lease_rows(path: str, key_fp: str, owner: str, until_ms: int, first: int, last: int) -> None:
+    """Write another sender's lease on rows ``first``..``last``, as its claim does."""
+    raw(
+        path,
+        "INSERT OR REPLACE INTO leases (key_fp, owner, first_id, last_id, until_ms) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (key_fp, owner, first, last, until_ms),
+    )
 
 
 def raw_bodies(path: str, key_fp: str = KEY) -> list[tuple[int, str]]:
@@ -498,11 +529,12 @@ def between_read_and_lease(outbox: Outbox, change: Any) -> Iterator[None]:
     """Run ``change`` (another process's doing) right after the claim's head is read,
     before its lease: the claim must then lease only what the file holds by then."""
     read = outbox._read
+    changes = [change]
 
     def read_then_change(sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         rows = read(sql, params)
-        if "ORDER BY id LIMIT" in sql:
-            change()
+        if "ORDER BY id LIMIT" in sql and changes:
+            changes.pop()()
         return rows
 
     outbox._read = read_then_change  # type: ignore[method-assign]
@@ -516,14 +548,9 @@ def test_a_claim_takes_nothing_another_sender_leased_after_it_read_the_head(
     outbox: Outbox,
 ) -> None:
     first, second, third = (put(outbox, n) for n in range(3))
-    table = queue_table(KEY)
 
     def other_sender_leases_the_first_two() -> None:
-        raw(
-            outbox.path,
-            f"UPDATE {table} SET lease_owner = 'owner-b', lease_until_ms = ? WHERE id <= ?",
-            (NOW + LEASE_MS, second),
-        )
+        lease_rows(outbox.path, KEY, "owner-b", NOW + LEASE_MS, first, second)
 
     with between_read_and_lease(outbox, other_sender_leases_the_first_two):
         c = claim(outbox)
@@ -824,6 +851,46 @@ def test_old_tracks_are_dead_lettered_as_expired_old_identify_is_not(outbox: Out
 
 
 # ---- ack / release / dead_letter ----
+
+
+def test_a_claim_writes_one_lease_row_which_ends_with_the_last_settled_op(
+    outbox: Outbox,
+) -> None:
+    all_ids = [put(outbox, n) for n in range(6)]
+    before = raw(outbox.path, f"SELECT * FROM {queue_table(KEY)} ORDER BY id")
+    assert ids(claim(outbox, max_rows=4)) == all_ids[:4]
+    # The rows themselves are not written: the lease is one row beside them.
+    assert raw(outbox.path, f"SELECT * FROM {queue_table(KEY)} ORDER BY id") == before
+    lease = (KEY, "owner-a", all_ids[0], all_ids[3], NOW + LEASE_MS)
+    assert raw(outbox.path, "SELECT * FROM leases") == [lease]
+    # Settled in parts (a split batch), the lease lasts until its last op is settled.
+    assert outbox.ack(all_ids[2], all_ids[3], "owner-a") == 2
+    assert outbox.dead_letter(all_ids[1], all_ids[1], "owner-a", 400, "bad", NOW) == (1, 0)
+    assert raw(outbox.path, "SELECT * FROM leases") == [lease]
+    assert outbox.ack(all_ids[0], all_ids[0], "owner-a") == 1
+    assert raw(outbox.path, "SELECT * FROM leases") == []
+    # The rest is unleased: anyone may claim it.
+    assert ids(claim(outbox, "owner-b", now_ms=NOW + 1)) == all_ids[4:]
+
+
+def test_a_claim_summed_up_by_sqlite_and_one_planned_row_by_row_take_the_same_run(
+    outbox: Outbox,
+) -> None:
+    # Sound young tracks only: SQLite's summary of the head window is the run. Any other
+    # row in the window (here a track too old to send, then an identify) makes the claim
+    # read the rows and plan them one by one; both must come to the same runs.
+    young = [put(outbox, n) for n in range(3)]
+    assert ids(claim(outbox, max_rows=2)) == young[:2]
+    outbox.ack(young[0], young[1], "owner-a")
+    old = put(outbox, 3, created_ms=NOW - MAX_AGE_MS - 1)
+    after = [put(outbox, n) for n in range(4, 6)]
+    identify = put(outbox, 6, kind=IDENTIFY)
+    c = claim(outbox)  # the old track goes to the dead letters on the way
+    assert (ids(c), c.expired) == ([young[2], *after], 1)
+    assert old not in raw_ops(outbox.path)
+    outbox.ack(young[2], after[1], "owner-a")
+    c = claim(outbox)
+    assert ids(c) == [identify] and c.run is not None and c.run.kind == IDENTIFY
 
 
 def test_ack_deletes_exactly_the_run(db_path: str) -> None:

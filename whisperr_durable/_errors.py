@@ -40,8 +40,7 @@ class WhisperrError:
 
     def __repr__(self) -> str:
         return (
-            f"WhisperrError(type={self.type!r}, message={self.message!r}, "
-            f"status={self.status!r})"
+            f"WhisperrError(type={self.type!r}, message={self.message!r}, status={self.status!r})"
         )
 
 

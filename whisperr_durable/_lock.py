@@ -3,7 +3,7 @@
 A ``filelock`` lock file beside the outbox, held for one delivery cycle. On POSIX it is an
 ``flock``, which the kernel releases when its holder dies, so the process that takes the
 lock next knows that any lease it finds on the key's rows belongs to a sender that is gone.
-Network filesystems may not honour ``flock``; the row leases in the outbox still keep two
+Network filesystems may not honour ``flock``; the leases in the outbox still keep two
 senders apart there, at the cost of waiting for a dead sender's lease to expire.
 """
 
@@ -54,7 +54,7 @@ class SenderLock:
         except (OSError, NotImplementedError) as exc:
             self._broken = True
             log.warning(
-                "whisperr_durable: cannot lock %s (%s); relying on row leases alone",
+                "whisperr_durable: cannot lock %s (%s); relying on the outbox's leases alone",
                 self.path,
                 exc,
             )

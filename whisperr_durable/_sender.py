@@ -20,7 +20,6 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Callable, NamedTuple, Optional, Union
 
 from . import _retry
@@ -35,7 +34,7 @@ from ._options import (
     Options,
     wait_seconds,
 )
-from ._store import Outbox, Row, StoreError
+from ._store import Outbox, Row, Run, StoreError, run_of
 from ._wire import IDENTIFY, batch_body, utc_now_ms
 from ._writer import Op, Writer
 
@@ -109,9 +108,12 @@ class FlushResult(NamedTuple):
 class _FileBatch:
     """Rows claimed from the outbox under our lease."""
 
-    def __init__(self, outbox: Outbox, owner: str, lease_ms: int, rows: list[Row]) -> None:
+    def __init__(self, outbox: Outbox, owner: str, lease_ms: int, run: Run) -> None:
         self._outbox, self._owner, self._lease_ms = outbox, owner, lease_ms
-        self._last = rows[-1].id
+        self._last = run.last
+
+    def rows(self, first: int, last: int) -> list[Row]:
+        return self._outbox.rows(first, last)
 
     def renew(self, first: int) -> bool:
         until = utc_now_ms() + self._lease_ms
@@ -139,6 +141,13 @@ class _HeldBatch:
         for seq, _ in part:
             del self._left[seq]
         return part
+
+    def rows(self, first: int, last: int) -> list[Row]:
+        return [
+            Row(seq, kind, body.encode("ascii"), created_ms, 0)
+            for seq, (kind, body, created_ms) in self._left.items()
+            if first <= seq <= last
+        ]
 
     def renew(self, first: int) -> bool:
         return True
@@ -580,7 +589,7 @@ class Sender:
         if lead is False:
             if not self._leader_stalled(outbox):
                 return  # another process is sending this key's ops; a flush waiter polls
-            lead = None  # deliver with row leases alone, as where locking is unavailable
+            lead = None  # deliver with the leases alone, as where locking is unavailable
         try:
             # Holding the lock, any lease we find is a dead sender's: take its rows at once.
             self._drain(outbox, lead is True, deadline)
@@ -608,7 +617,7 @@ class Sender:
             return False
         log.warning(
             "whisperr_durable: the process holding %s has made no progress for %.0f s; "
-            "delivering with row leases alone",
+            "delivering with the outbox's leases alone",
             self._lock.path,
             now - self._stalled_since,
         )
@@ -682,19 +691,20 @@ class Sender:
                     )
                 )
             self._note_pruned(claim.pruned)
-            if not claim.rows:
+            run = claim.run
+            if run is None:
                 if claim.expired or claim.damaged:
                     continue  # more may be behind them
                 return
-            batch = _FileBatch(outbox, self._owner, self._lease_ms, claim.rows)
-            outcome = self._deliver(batch, claim.rows, deadline)
+            batch = _FileBatch(outbox, self._owner, self._lease_ms, run)
+            outcome = self._deliver(batch, run, deadline)
             self._record(outbox)  # before a flush waiter hears of it
             batches += 1
             if batches % _CHECKPOINT_EVERY_BATCHES == 0:  # keeps a long drain's WAL short
                 outbox.checkpoint()
             if self._settled(outcome):
                 return
-            if len(claim.rows) < _LINGER_BELOW and not self._waiters and deadline is None:
+            if run.ops < _LINGER_BELOW and not self._waiters and deadline is None:
                 self._stop.wait(_LINGER)
 
     def _deliver_held(self, deadline: Optional[float]) -> None:
@@ -707,15 +717,12 @@ class Sender:
             taken = self._writer.take_held(self._options.max_batch_size, MAX_BATCH_BYTES)
             if not taken:
                 return
-            rows = [
-                Row(seq, kind, body.encode("ascii"), created_ms, 0)
-                for seq, (kind, body, created_ms) in taken
-            ]
             batch = _HeldBatch(self._writer, taken)
+            first = taken[0][0]
             try:
-                outcome = self._deliver(batch, rows, deadline)
+                outcome = self._deliver(batch, run_of(batch.rows(first, taken[-1][0])), deadline)
             finally:
-                batch.give_back(rows[0].id, failed=False)  # whatever is left, if anything
+                batch.give_back(first, failed=False)  # whatever is left, if anything
             if self._settled(outcome):
                 return
 
@@ -806,20 +813,18 @@ class Sender:
             self._progress += 1
             self._cond.notify_all()
 
-    def _deliver(
-        self, batch: _Batch, rows: list[Row], deadline: Optional[float]
-    ) -> Optional[Outcome]:
+    def _deliver(self, batch: _Batch, run: Run, deadline: Optional[float]) -> Optional[Outcome]:
         """Send claimed rows; ``None`` when all were delivered or refused, or the rest were
         given back to slow down (``_not_before`` then says until when).
 
         A 400 or 413 on several events splits the batch in halves until the bad events are
         alone; those are refused and the rest are delivered.
         """
-        todo = [rows]
+        todo = [run]
         while todo:
             part = todo.pop()
-            first, last = part[0].id, part[-1].id
-            if part is not rows and not batch.renew(first):
+            first, last = part.first, part.last
+            if part is not run and not batch.renew(first):
                 return None  # the rows were taken over: nothing left to send
             outcome = self._post(part, deadline)
             self._noted.append(None if outcome.kind == _retry.OK else outcome.detail)
@@ -830,15 +835,17 @@ class Sender:
                 log.debug("delivered %d op(s)", len(part))
             elif outcome.kind == _retry.DROP:
                 self._refusals += 1
-                if len(part) > 1 and outcome.status in _SPLIT_STATUSES:
-                    half = len(part) // 2
-                    todo += [part[half:], part[:half]]
+                split = part.ops > 1 and outcome.status in _SPLIT_STATUSES
+                rows = batch.rows(first, last) if split else []
+                if len(rows) > 1:
+                    half = len(rows) // 2
+                    todo += [run_of(rows[half:]), run_of(rows[:half])]
                 else:
                     moved, pruned = batch.refuse(first, last, outcome.status, outcome.detail)
                     self._note_refused(moved, outcome, kept=isinstance(batch, _FileBatch))
                     self._note_pruned(pruned)
                 if self._refusals >= _FREE_REFUSALS:
-                    self._slow_down(batch, todo[-1][0].id if todo else None)
+                    self._slow_down(batch, todo[-1].first if todo else None)
                     return None
             else:
                 # Everything from here on is given back, in order, for a later attempt.
@@ -855,9 +862,7 @@ class Sender:
         with self._cond:
             self._not_before = time.monotonic() + max(delay, _MIN_RETRY_DELAY)
             self._retry_pending = True
-        self._trouble_begins(
-            f"the server refused {self._refusals} requests in a row; slowing down"
-        )
+        self._trouble_begins(f"the server refused {self._refusals} requests in a row; slowing down")
 
     def _note_refused(self, moved: int, outcome: Outcome, *, kept: bool) -> None:
         if not moved:  # taken over by another sender meanwhile (it reports them)
@@ -872,14 +877,14 @@ class Sender:
             )
         )
 
-    def _post(self, part: Sequence[Row], deadline: Optional[float]) -> Outcome:
+    def _post(self, part: Run, deadline: Optional[float]) -> Outcome:
         timeout = self._options.request_timeout
         if deadline is not None:  # an inline flush at exit must not overrun its budget
             timeout = max(0.001, min(timeout, deadline - time.monotonic()))
-        if part[0].kind == IDENTIFY:
-            path, body = "/v1/identify", part[0].body
+        if part.kind == IDENTIFY:
+            path, body = "/v1/identify", part.body
         else:
-            path, body = "/v1/events/batch", batch_body([r.body for r in part])
+            path, body = "/v1/events/batch", batch_body(part.body)
         self._watchdog.arm(timeout + _REQUEST_SLACK)
         try:
             outcome = self._transport.post(path, body, timeout)
@@ -887,8 +892,7 @@ class Sender:
             self._watchdog.disarm()
         if self._watchdog.fired and outcome.kind == _retry.RETRY:
             return outcome._replace(
-                detail=f"no complete answer within {timeout:g}s (the server kept the "
-                "request open)"
+                detail=f"no complete answer within {timeout:g}s (the server kept the request open)"
             )
         return outcome
 

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta, timezone
 from datetime import time as dtime
 from decimal import Decimal
@@ -499,10 +499,14 @@ def encode_identify(
     return _dumps(body, body)
 
 
-def batch_body(events: Sequence[bytes]) -> bytes:
-    """``{"events": [...]}`` from stored event JSON (ASCII bytes), byte for byte as
-    ``json.dumps`` writes it."""
-    return b'{"events": [' + b", ".join(events) + b"]}"
+# Between two events of a batch, as ``json.dumps`` writes a list.
+EVENT_SEPARATOR = ", "
+
+
+def batch_body(joined: bytes) -> bytes:
+    """``{"events": [...]}`` from stored event JSON (ASCII bytes) joined by
+    ``EVENT_SEPARATOR``, byte for byte as ``json.dumps`` writes the batch."""
+    return b'{"events": [' + joined + b"]}"
 
 
 def utc_now_ms() -> int:

@@ -7,7 +7,7 @@ path), ``_errors`` (what an sqlite3 error says), ``_records`` (what the store ha
 """
 
 from ._outbox import Outbox
-from ._records import Claim, DeadLetter, KeyReport, Row, Stats, StoreError
+from ._records import Claim, DeadLetter, KeyReport, Row, Run, Stats, StoreError, run_of
 from ._schema import APPLICATION_ID, MIN_READER_VERSION, SCHEMA_VERSION, queue_table
 
 __all__ = [
@@ -19,7 +19,9 @@ __all__ = [
     "KeyReport",
     "Outbox",
     "Row",
+    "Run",
     "Stats",
     "StoreError",
     "queue_table",
+    "run_of",
 ]

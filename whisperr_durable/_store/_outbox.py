@@ -3,9 +3,10 @@ writer, claimed, acknowledged and dead-lettered by the sender, and looked at by 
 
 One SQLite file in WAL mode holds a queue of ops per API key (table ``"ops:<fingerprint>"``),
 the ops the server refused (``dead_letters``, bounded) and a few counters. Each row of a queue
-is the final wire JSON of one op; a client only ever sees and sends its own key's queue. Rows
-are claimed for sending with a lease (owner + wall clock expiry) so that no two senders,
-threads or processes, send the same rows at once.
+is the final wire JSON of one op; a client only ever sees and sends its own key's queue. A
+sender claims a run of rows from the head of its queue with a lease (one row of ``leases``:
+owner, ids, wall clock expiry) so that no two senders, threads or processes, send the same
+rows at once.
 """
 
 from __future__ import annotations
@@ -15,19 +16,21 @@ import itertools
 import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from .._options import MAX_LEASE
-from .._wire import IDENTIFY, TRACK, utc_now_ms
+from .._wire import EVENT_SEPARATOR, IDENTIFY, TRACK, utc_now_ms
 from ._connection import Connection
 from ._records import (
     Claim,
     DeadLetter,
     KeyReport,
     Row,
+    Run,
     Stats,
     dead_letter_filters,
     int_or_zero,
+    run_of,
     sound,
     text_of,
 )
@@ -47,6 +50,26 @@ class _HeadMoved(Exception):
     """The head of the queue changed between a claim's read and its lease."""
 
 
+class _Lease(NamedTuple):
+    """A key's lease row: ``owner`` holds rows ``first``..``last`` until ``until_ms``."""
+
+    owner: str
+    first: int
+    last: int
+    until_ms: int
+
+    def live(self, now_ms: int) -> bool:
+        # A lease further ahead than any sender gives means the clock went back.
+        until = self.until_ms if type(self.until_ms) is int else 0
+        return now_ms < until <= now_ms + _MAX_LEASE_MS
+
+    def covers(self, op_id: int) -> bool:
+        return self.first <= op_id <= self.last
+
+
+_NO_LEASE = _Lease("", 1, 0, 0)  # covers nothing, never live
+
+
 class _Plan:
     """Which of the rows at the head of a queue one claim takes: the leading run of tracks
     (or one identify alone) not under another owner's live lease, within ``max_bytes``;
@@ -61,22 +84,43 @@ class _Plan:
         self.now_ms = now_ms
         self.take_over = take_over
 
-    def run(self, head: list[Any]) -> tuple[list[Row], list[int], list[int]]:
-        owner, now_ms, take_over = self.owner, self.now_ms, self.take_over
-        # A lease further ahead than any sender gives means the clock went back.
-        horizon = now_ms + _MAX_LEASE_MS
+    def blocked_by(self, lease: _Lease) -> bool:
+        """Whether ``lease`` keeps this claim off the rows it covers: another owner's, live,
+        and not to be taken over."""
+        return lease.owner != self.owner and not self.take_over and lease.live(self.now_ms)
+
+    def quick(self, summary: Any, lease: _Lease) -> Optional[Run]:
+        """The run, from a summary of the whole head window (``Outbox._window_sql``) when
+        every row of it is a sound track young enough to send (the common case); ``None``
+        otherwise. A text or blob sorts above every number: a maximum that is an int
+        means that no row has one there."""
+        count, first, last, joined, kind_lo, kind_hi, created_lo, created_hi, attempts, braced = (
+            summary
+        )
+        if (
+            not count
+            or braced != 1
+            or not (type(kind_lo) is type(kind_hi) is int and kind_lo == kind_hi == TRACK)
+            or not (type(created_lo) is type(created_hi) is type(attempts) is int)
+            or created_lo < self.now_ms - self.max_age_ms
+            or type(joined) is not bytes
+            or len(joined) + 2 > self.max_bytes
+            or not joined.isascii()
+            or (self.blocked_by(lease) and lease.first <= last and first <= lease.last)
+        ):
+            return None
+        return Run(first, last, count, TRACK, joined)
+
+    def run(self, head: list[Any], lease: _Lease) -> tuple[list[Row], list[int], list[int]]:
+        now_ms = self.now_ms
+        blocked = self.blocked_by(lease)
         oldest_allowed = now_ms - self.max_age_ms
         room = self.max_bytes
         batch: list[Row] = []
         expired: list[int] = []
         damaged: list[int] = []
-        for op_id, kind, body, created_ms, attempts, lease_owner, lease_until in head:
-            if (
-                lease_owner is not None
-                and lease_owner != owner
-                and not take_over
-                and now_ms < (lease_until if type(lease_until) is int else 0) <= horizon
-            ):
+        for op_id, kind, body, created_ms, attempts in head:
+            if blocked and lease.covers(op_id):
                 break  # under another owner's live lease
             if (
                 kind == TRACK
@@ -114,9 +158,26 @@ class Outbox(Connection):
         self._insert = f"INSERT INTO {self._table} (kind, body, created_ms) VALUES (?, ?, ?)"
         # The body as bytes: a row that is not valid UTF-8 must not fail the whole read.
         self._head_sql = (
-            "SELECT id, kind, CAST(body AS BLOB), created_ms, attempts, lease_owner, "
-            f"lease_until_ms FROM {self._table} ORDER BY id LIMIT ?"
+            "SELECT id, kind, CAST(body AS BLOB), created_ms, attempts "
+            f"FROM {self._table} ORDER BY id LIMIT ?"
         )
+        # The head window summed up in one pass, in SQLite: how many rows, the first and
+        # the last id, the bodies joined in id order (the subquery's ORDER BY, which an
+        # aggregate over it keeps), the range of its kinds, ages and attempts, whether every
+        # body is one braced object, and the last row's body (a lease checks it). A window
+        # of sound tracks young enough to send is the claim's run as it stands.
+        self._window_sql = (
+            "SELECT *, "
+            f"(SELECT CAST(body AS BLOB) FROM {self._table} WHERE id = last) FROM ("
+            f"SELECT count(*), (SELECT min(id) FROM {self._table}) AS first, max(id) AS last, "
+            f"CAST(group_concat(body, '{EVENT_SEPARATOR}') AS BLOB), min(kind), max(kind), "
+            "min(created_ms), max(created_ms), max(attempts), min(braced) FROM ("
+            "SELECT id, body, kind, created_ms, attempts, "
+            "substr(CAST(body AS BLOB), 1, 1) = X'7B' "
+            "AND substr(CAST(body AS BLOB), -1, 1) = X'7D' AS braced "
+            f"FROM {self._table} ORDER BY id LIMIT ?))"
+        )
+        self._lease_sql = "SELECT owner, first_id, last_id, until_ms FROM leases WHERE key_fp = ?"
         # A lower bound on the oldest id of the queue, for as long as it is trusted: an
         # append whose id is within max_queue_size of it cannot need to evict.
         self._oldest_seen = 0
@@ -126,7 +187,7 @@ class Outbox(Connection):
         # oldest row then (id, owner, expiry) and how far it evicted, so that a full queue
         # does not rescan them on every append. An id can come back (a queue that empties
         # starts again at 1), with the same owner: the expiry tells one lease from another.
-        self._evict_hint: tuple[tuple[int, Optional[str], Any], int] = ((0, None, 0), 0)
+        self._evict_hint: tuple[tuple[int, Optional[str], int], int] = ((0, None, 0), 0)
 
     # ---- the write path ----
 
@@ -183,27 +244,26 @@ class Outbox(Connection):
         cutoff = newest - max_queue_size
         if cutoff <= 0:
             return 0
-        head = conn.execute(
-            f"SELECT id, lease_owner, lease_until_ms FROM {self._table} ORDER BY id LIMIT 1"
-        ).fetchall()
+        head = conn.execute(f"SELECT id FROM {self._table} ORDER BY id LIMIT 1").fetchall()
         if not head or head[0][0] > cutoff:
             self._see_oldest(head[0][0] if head else None, newest)
             return 0
-        oldest, owner, until = head[0]
-        lease = (oldest, owner, until)
-        hint_lease, hint_through = self._evict_hint
-        if owner is not None and lease == hint_lease and cutoff <= hint_through:
-            return 0  # what is left at or below the bound is what a sender is delivering
-        top = min(cutoff + max_queue_size // 100, oldest + max(added, _EVICT_PER_CALL) - 1)
+        oldest = head[0][0]
         # Rows under a live lease are on their way to the server: evicting them would count
         # as lost ops that are delivered. They go only if their sender gives them back.
-        now_ms = utc_now_ms()
+        lease = self._lease_row(conn)
+        if not lease.live(utc_now_ms()):
+            lease = _NO_LEASE
+        held = (oldest, lease.owner, lease.until_ms) if lease.covers(oldest) else (oldest, None, 0)
+        hint_lease, hint_through = self._evict_hint
+        if held[1] is not None and held == hint_lease and cutoff <= hint_through:
+            return 0  # what is left at or below the bound is what a sender is delivering
+        top = min(cutoff + max_queue_size // 100, oldest + max(added, _EVICT_PER_CALL) - 1)
         evicted = conn.execute(
-            f"DELETE FROM {self._table} WHERE id <= ? AND NOT (lease_owner IS NOT NULL "
-            "AND lease_until_ms > ? AND lease_until_ms <= ?)",
-            (top, now_ms, now_ms + _MAX_LEASE_MS),
+            f"DELETE FROM {self._table} WHERE id <= ? AND id NOT BETWEEN ? AND ?",
+            (top, lease.first, lease.last),
         ).rowcount
-        self._evict_hint = (lease, top)
+        self._evict_hint = (held, top)
         if evicted:
             self._bump(conn, "evicted", evicted)
             (oldest,) = conn.execute(f"SELECT min(id) FROM {self._table}").fetchone()
@@ -218,6 +278,10 @@ class Outbox(Connection):
             # fills it again meanwhile (hence the time limit).
             self._oldest_seen = head
             self._oldest_until = time.monotonic() + _TRUST_OLDEST
+
+    def _lease_row(self, conn: sqlite3.Connection) -> _Lease:
+        rows = conn.execute(self._lease_sql, (self.key_fp,)).fetchall()
+        return _Lease(*rows[0]) if rows else _NO_LEASE
 
     def _bump(self, conn: sqlite3.Connection, name: str, by: int) -> None:
         conn.execute(
@@ -250,15 +314,29 @@ class Outbox(Connection):
         plan = _Plan(owner, max_bytes, max_age_ms, now_ms, take_over)
         with self._guard:
             # Read outside any write transaction (appends go on meanwhile), then lease the
-            # batch in a short one, if the head is still as read; anything to move to the
-            # dead letters, or a head that moved, takes one transaction for the whole claim.
-            head = self._read(self._head_sql, (max_rows,))
-            batch, expired, damaged = plan.run(head)
-            if not expired and not damaged and (not batch or self._lease(batch, plan, lease_ms)):
-                return Claim(batch)
+            # run in one statement, if the head is still as read. Mostly the head window is
+            # the run as it stands, summed up by SQLite; otherwise its rows are read and
+            # planned here. Anything to move to the dead letters, or a head that moved,
+            # takes one transaction for the whole claim.
+            leases = self._read(self._lease_sql, (self.key_fp,))
+            lease = _Lease(*leases[0]) if leases else _NO_LEASE
+            ((*summary, last_body),) = self._read(self._window_sql, (max_rows,))
+            if not summary[0]:
+                return Claim(None)
+            run = plan.quick(summary, lease)
+            if run is not None and self._lease(run, last_body, plan, lease_ms):
+                return Claim(run)
+            batch, expired, damaged = plan.run(self._read(self._head_sql, (max_rows,)), lease)
+            if (
+                batch
+                and not expired
+                and not damaged
+                and self._lease(run_of(batch), batch[-1].body, plan, lease_ms)
+            ):
+                return Claim(run_of(batch))
             with self._write() as conn:
                 head = conn.execute(self._head_sql, (max_rows,)).fetchall()
-                batch, expired, damaged = plan.run(head)
+                batch, expired, damaged = plan.run(head, self._lease_row(conn))
                 pruned = 0
                 for ids, reason in ((expired, _EXPIRED), (damaged, _DAMAGED)):
                     for op_id in ids:
@@ -267,67 +345,118 @@ class Outbox(Connection):
                         )[1]
                 if batch:
                     conn.execute(
-                        f"UPDATE {self._table} SET lease_owner = ?, lease_until_ms = ? "
-                        "WHERE id BETWEEN ? AND ?",
-                        (owner, now_ms + lease_ms, batch[0].id, batch[-1].id),
+                        "INSERT INTO leases (key_fp, owner, first_id, last_id, until_ms) "
+                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key_fp) DO UPDATE SET "
+                        "owner = excluded.owner, first_id = excluded.first_id, "
+                        "last_id = excluded.last_id, until_ms = excluded.until_ms",
+                        (self.key_fp, owner, batch[0].id, batch[-1].id, now_ms + lease_ms),
                     )
-            return Claim(batch, len(expired), len(damaged), pruned)
+            return Claim(run_of(batch) if batch else None, len(expired), len(damaged), pruned)
 
-    def _lease(self, batch: list[Row], plan: _Plan, lease_ms: int) -> bool:
-        """Lease ``batch``, read before, in one short transaction; ``False`` if the head is
-        not as read any more (rows evicted, leased by another sender, or gone and made
-        again with the same ids: a row's id comes back only once every row after it is
-        gone, so the last one of the run tells)."""
-        first, last = batch[0].id, batch[-1].id
-        args: tuple[Any, ...] = ()
-        free = ""
-        if not plan.take_over:
-            # The rows the plan may take: not under another owner's live lease.
-            free = (
-                " AND NOT (lease_owner IS NOT NULL AND lease_owner != ? AND lease_until_ms > ? "
-                "AND lease_until_ms <= ?)"
+    def _lease(self, run: Run, last_body: bytes, plan: _Plan, lease_ms: int) -> bool:
+        """Lease ``run``, read before, in one statement; ``False`` if the head is not as
+        read any more (rows evicted, leased by another sender, or gone and made again with
+        the same ids: a row's id comes back only once every row after it is gone, so the
+        last one of the run tells)."""
+        # The lease row is replaced only where this claim may take the rows: a lease of
+        # our own, one that no longer runs, one over other rows, or one taken over.
+        free = (
+            ""
+            if plan.take_over
+            else (
+                " WHERE leases.owner = excluded.owner OR NOT (leases.until_ms > ? "
+                "AND leases.until_ms <= ?) OR leases.last_id < excluded.first_id "
+                "OR leases.first_id > excluded.last_id"
             )
-            args = (plan.owner, plan.now_ms, plan.now_ms + _MAX_LEASE_MS)
-        try:
-            with self._write() as conn:
-                leased = conn.execute(
-                    f"UPDATE {self._table} SET lease_owner = ?, lease_until_ms = ? "
-                    f"WHERE id BETWEEN ? AND ?{free}",
-                    (plan.owner, plan.now_ms + lease_ms, first, last, *args),
-                ).rowcount
-                (same,) = conn.execute(
-                    f"SELECT CAST(body AS BLOB) = ? FROM {self._table} WHERE id = ?",
-                    (batch[-1].body, last),
-                ).fetchone() or (0,)
-                if leased != len(batch) or not same:
-                    raise _HeadMoved
-        except _HeadMoved:
-            return False
-        return True
+        )
+        args = () if plan.take_over else (plan.now_ms, plan.now_ms + _MAX_LEASE_MS)
+        return (
+            self._write_one(
+                "INSERT INTO leases (key_fp, owner, first_id, last_id, until_ms) "
+                f"SELECT ?, ?, ?, ?, ? WHERE (SELECT count(*) FROM {self._table} "
+                "WHERE id BETWEEN ? AND ?) = ? AND (SELECT CAST(body AS BLOB) FROM "
+                f"{self._table} WHERE id = ?) = ? "
+                "ON CONFLICT (key_fp) DO UPDATE SET owner = excluded.owner, "
+                "first_id = excluded.first_id, last_id = excluded.last_id, "
+                f"until_ms = excluded.until_ms{free}",
+                (
+                    self.key_fp,
+                    plan.owner,
+                    run.first,
+                    run.last,
+                    plan.now_ms + lease_ms,
+                    run.first,
+                    run.last,
+                    run.ops,
+                    run.last,
+                    last_body,
+                    *args,
+                ),
+            )
+            == 1
+        )
+
+    def rows(self, first_id: int, last_id: int) -> list[Row]:
+        """The queued rows with ids ``first_id``..``last_id`` (of a run we leased), in order;
+        a row no longer sound (damaged since) ends the list."""
+        rows = []
+        for row in self._read(
+            f"SELECT id, kind, CAST(body AS BLOB), created_ms, attempts FROM {self._table} "
+            "WHERE id BETWEEN ? AND ? ORDER BY id",
+            (first_id, last_id),
+        ):
+            if not sound(*row[1:]):
+                break
+            rows.append(Row(*row))
+        return rows
+
+    def _ours(self, first_id: int, last_id: int, owner: str) -> tuple[str, tuple[Any, ...]]:
+        """``WHERE`` the rows ``first_id``..``last_id`` that ``owner``'s lease still covers:
+        what a sender does with the rows it leased names them by ids and by its lease, so
+        that rows evicted since, or taken over by another sender, are not touched (no lease:
+        the bounds are NULL, and no row is)."""
+        lease = "(SELECT {} FROM leases WHERE key_fp = ? AND owner = ?)"
+        return (
+            f"WHERE id BETWEEN max(?, {lease.format('first_id')}) "
+            f"AND min(?, {lease.format('last_id')})",
+            (first_id, self.key_fp, owner, last_id, self.key_fp, owner),
+        )
 
     def ack(self, first_id: int, last_id: int, owner: str) -> int:
-        """Delete a delivered run of rows that ``owner`` still holds (rows evicted since, or
-        taken over by another sender, are not touched)."""
-        return self._write_one(
-            f"DELETE FROM {self._table} WHERE id BETWEEN ? AND ? AND lease_owner = ?",
-            (first_id, last_id, owner),
+        """Delete a delivered run of rows that ``owner`` still holds; the lease ends with
+        the last of its rows."""
+        with self._write(same_file=True) as conn:
+            where, params = self._ours(first_id, last_id, owner)
+            deleted = conn.execute(f"DELETE FROM {self._table} {where}", params).rowcount
+            self._end_lease(conn, owner)
+            return int(deleted)
+
+    def _end_lease(self, conn: sqlite3.Connection, owner: str, *, settled: bool = True) -> None:
+        """End ``owner``'s lease: once none of its rows is left (``settled``), or at once."""
+        left = (
+            f" AND NOT EXISTS (SELECT 1 FROM {self._table} "
+            "WHERE id BETWEEN leases.first_id AND leases.last_id)"
+        )
+        conn.execute(
+            f"DELETE FROM leases WHERE key_fp = ? AND owner = ?{left if settled else ''}",
+            (self.key_fp, owner),
         )
 
     def renew(self, first_id: int, last_id: int, owner: str, until_ms: int) -> int:
-        """Extend our lease on a run of rows; returns how many rows we still hold."""
+        """Extend our lease on a run of rows; 0 if we no longer hold it."""
         return self._write_one(
-            f"UPDATE {self._table} SET lease_until_ms = ? "
-            "WHERE id BETWEEN ? AND ? AND lease_owner = ?",
-            (until_ms, first_id, last_id, owner),
+            "UPDATE leases SET until_ms = ? WHERE key_fp = ? AND owner = ? "
+            "AND first_id <= ? AND last_id >= ?",
+            (until_ms, self.key_fp, owner, first_id, last_id),
         )
 
     def release(self, first_id: int, last_id: int, owner: str, *, failed: bool) -> None:
         """Give back a leased run, counting one more failed attempt if ``failed``."""
-        self._write_one(
-            f"UPDATE {self._table} SET lease_owner = NULL, lease_until_ms = 0, "
-            "attempts = attempts + ? WHERE id BETWEEN ? AND ? AND lease_owner = ?",
-            (int(failed), first_id, last_id, owner),
-        )
+        with self._write(same_file=True) as conn:
+            if failed:
+                where, params = self._ours(first_id, last_id, owner)
+                conn.execute(f"UPDATE {self._table} SET attempts = attempts + 1 {where}", params)
+            self._end_lease(conn, owner, settled=False)
 
     def dead_letter(
         self,
@@ -356,9 +485,10 @@ class Outbox(Connection):
         reason: str,
         now_ms: int,
     ) -> tuple[int, int]:
-        held = owner is not None
-        where = "WHERE id BETWEEN ? AND ?" + (" AND lease_owner = ?" if held else "")
-        rows = (first_id, last_id, owner) if held else (first_id, last_id)
+        if owner is None:
+            where, rows = "WHERE id BETWEEN ? AND ?", (first_id, last_id)
+        else:
+            where, rows = self._ours(first_id, last_id, owner)
         conn.execute(
             "INSERT INTO dead_letters "
             "(key_fp, op_id, kind, body, created_ms, failed_ms, attempts, status, reason) "
@@ -367,6 +497,8 @@ class Outbox(Connection):
             (self.key_fp, now_ms, status, reason, *rows),
         )
         moved = conn.execute(f"DELETE FROM {self._table} {where}", rows).rowcount
+        if owner is not None:
+            self._end_lease(conn, owner)
         if not moved:
             return 0, 0
         self._bump(conn, "refused", moved)
@@ -403,11 +535,19 @@ class Outbox(Connection):
         return bool(any_row)
 
     def head(self) -> Optional[tuple[int, Optional[str], int]]:
-        """``(id, lease_owner, lease_until_ms)`` of this key's oldest queued op."""
+        """``(id, lease owner, lease expiry)`` of this key's oldest queued op (``None, 0``:
+        not leased)."""
         rows = self._read(
-            f"SELECT id, lease_owner, lease_until_ms FROM {self._table} ORDER BY id LIMIT 1"
+            f"SELECT h.id, l.owner, l.first_id, l.last_id, l.until_ms FROM (SELECT id FROM "
+            f"{self._table} ORDER BY id LIMIT 1) AS h LEFT JOIN leases AS l ON l.key_fp = ?",
+            (self.key_fp,),
         )
-        return (rows[0][0], rows[0][1], int(rows[0][2] or 0)) if rows else None
+        if not rows:
+            return None
+        op_id, owner, first, last, until = rows[0]
+        if owner is None or not first <= op_id <= last:
+            return op_id, None, 0
+        return op_id, owner, int(until)
 
     def counters(self) -> dict[str, int]:
         """This key's running totals: ``evicted``, ``refused`` (moved to the dead letters)
@@ -479,13 +619,13 @@ class Outbox(Connection):
                 r = report(fp)
                 r["identifies" if kind == IDENTIFY else "tracks"] = count
                 r["oldest_ms"] = min(oldest, r.get("oldest_ms", oldest))
-            ((count, owner, until),) = self._read(
-                f"SELECT count(*), max(lease_owner), max(lease_until_ms) FROM {table} "
-                "WHERE lease_owner IS NOT NULL AND lease_until_ms > ?",
-                (now_ms,),
-            )
-            if count:
-                report(fp).update(leased=count, lease_owner=owner, lease_until_ms=until)
+            for owner, until, count in self._read(
+                f"SELECT owner, until_ms, (SELECT count(*) FROM {table} WHERE id BETWEEN "
+                "first_id AND last_id) FROM leases WHERE key_fp = ? AND until_ms > ?",
+                (fp, now_ms),
+            ):
+                if count:
+                    report(fp).update(leased=count, lease_owner=owner, lease_until_ms=until)
         for fp, count in self._read(
             f"SELECT key_fp, count(*) FROM dead_letters {where} GROUP BY key_fp", params
         ):
@@ -496,14 +636,10 @@ class Outbox(Connection):
             params,
         ):
             report(fp)["evicted"] = count
-        senders = (
-            self._read(
-                "SELECT key_fp, pid, last_attempt_ms, last_success_ms, last_error, "
-                f"last_error_ms FROM sender_state {where}",
-                params,
-            )
-            if self._version >= 2  # a version 1 file has no record of its senders
-            else []
+        senders = self._read(
+            "SELECT key_fp, pid, last_attempt_ms, last_success_ms, last_error, "
+            f"last_error_ms FROM sender_state {where}",
+            params,
         )
         for fp, *state in senders:
             report(fp)["sender"] = tuple(state)
@@ -544,17 +680,9 @@ class Outbox(Connection):
         with self._write() as conn:
             moved = 0
             for where, params in dead_letter_filters(ids, key_fp):
-                if self._version < 3:  # a file of an older SDK, looked at
-                    conn.execute(
-                        "INSERT INTO ops (key_fp, kind, body, created_ms) SELECT key_fp, kind, "
-                        f"body, created_ms FROM dead_letters {where} ORDER BY id",
-                        params,
-                    )
-                    keys = []
-                else:
-                    keys = conn.execute(
-                        f"SELECT DISTINCT key_fp FROM dead_letters {where}", params
-                    ).fetchall()
+                keys = conn.execute(
+                    f"SELECT DISTINCT key_fp FROM dead_letters {where}", params
+                ).fetchall()
                 for (fp,) in keys:
                     table = queue_table(fp)
                     conn.execute(CREATE_QUEUE.format(table=table))

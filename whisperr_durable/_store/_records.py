@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Optional
 
-from .._wire import IDENTIFY, TRACK
+from .._wire import EVENT_SEPARATOR, IDENTIFY, TRACK
 
 
 class StoreError(Exception):
@@ -20,12 +20,30 @@ class Row(NamedTuple):
     attempts: int
 
 
-class Claim(NamedTuple):
-    """What one claim took: rows to send now, and rows it dead-lettered instead: expired
-    (the server would refuse them) or damaged (not an op's wire JSON any more); ``pruned``
-    older dead letters removed to keep ``max_dead_letters``."""
+class Run(NamedTuple):
+    """Ops of one queue to send in one request: one identify alone, or a run of tracks.
+    ``body`` is their wire JSON: the identify's own, or the tracks' joined by
+    ``EVENT_SEPARATOR``."""
 
-    rows: list[Row]
+    first: int  # the ids of the first and the last op
+    last: int
+    ops: int
+    kind: int
+    body: bytes
+
+
+def run_of(rows: Sequence[Row]) -> Run:
+    """The run of ``rows`` (one identify, or tracks in id order)."""
+    joined = EVENT_SEPARATOR.encode().join(r.body for r in rows)
+    return Run(rows[0].id, rows[-1].id, len(rows), rows[0].kind, joined)
+
+
+class Claim(NamedTuple):
+    """What one claim took: the run to send now (``None``: nothing to send), and rows it
+    dead-lettered instead: expired (the server would refuse them) or damaged (not an op's
+    wire JSON any more); ``pruned`` older dead letters removed to keep ``max_dead_letters``."""
+
+    run: Optional[Run]
     expired: int = 0
     damaged: int = 0
     pruned: int = 0

@@ -32,6 +32,17 @@ SCHEMA = (
         last_error TEXT,
         last_error_ms INTEGER
     ) WITHOUT ROWID""",
+    # The lease on the run of a key's queue that a sender is delivering: at most one per
+    # key, since a sender claims from the head of the queue only. Rows first_id..last_id
+    # are the owner's until until_ms (wall clock); the owner ends it when the run is
+    # settled, or gives it back.
+    """CREATE TABLE leases (
+        key_fp TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        first_id INTEGER NOT NULL,
+        last_id INTEGER NOT NULL,
+        until_ms INTEGER NOT NULL
+    ) WITHOUT ROWID""",
     # Facts about the file itself: min_reader_version (see MIN_READER_VERSION).
     """CREATE TABLE meta (
         name TEXT PRIMARY KEY,
@@ -40,17 +51,16 @@ SCHEMA = (
 )
 
 # One table per key, so that an append writes one page: no index on the key, no trigger
-# kept count, no AUTOINCREMENT sequence. A new id is one above the newest queued row, so ids
-# grow by one per op and the id window bounds the queue; the id of a deleted newest row can
-# come back, so the sender names rows by id and lease owner, never by id alone.
+# kept count, no AUTOINCREMENT sequence, no lease column (a claim writes one row of
+# ``leases``, not one per op). A new id is one above the newest queued row, so ids grow by
+# one per op and the id window bounds the queue; the id of a deleted newest row can come
+# back, so the sender names rows by id and lease, never by id alone.
 CREATE_QUEUE = """CREATE TABLE IF NOT EXISTS {table} (
     id INTEGER PRIMARY KEY,
     kind INTEGER NOT NULL,
     body TEXT NOT NULL,
     created_ms INTEGER NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    lease_owner TEXT,
-    lease_until_ms INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0
 )"""
 QUEUE_PREFIX = "ops:"
 
@@ -60,14 +70,14 @@ def queue_table(key_fp: str) -> str:
     return '"' + (QUEUE_PREFIX + key_fp).replace('"', '""') + '"'
 
 
-# The file's schema (``PRAGMA user_version``). Versions 1 and 2 were development schemas,
+# The file's schema (``PRAGMA user_version``). Versions 1 to 3 were development schemas,
 # never released, and are not read.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # The oldest SDK schema that can still read and write a file of this schema, kept in the
 # file (``meta``). A later schema that only adds (a table, a column with a default) keeps
 # it where it is, so that an older process sharing the file goes on using it; one that
 # changes what rows mean raises it, and older processes then refuse the file.
-MIN_READER_VERSION = 3
+MIN_READER_VERSION = 4
 
 # What marks a SQLite file as an outbox (``PRAGMA application_id``, in the file's header):
 # no other database is ever written to.
