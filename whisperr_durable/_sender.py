@@ -59,11 +59,12 @@ _LEASE_SLACK = 5.0
 _REQUEST_SLACK = 0.5
 # A long drain checkpoints after this many batches (the end of each cycle does too).
 _CHECKPOINT_EVERY_BATCHES = 8
-# After a batch of fewer rows than this, with no flush waiting, the sender lets ops gather
-# for a moment before it claims again: a request costs about a millisecond of CPU however
-# few events it carries, and a busy producer would otherwise get a request every few ops.
-_LINGER_BELOW = 200
-_LINGER = 0.005
+# After a batch of fewer rows than this (or than max_batch_size), with no flush waiting, the
+# sender lets ops gather for a moment before it claims again: a request costs most of a
+# millisecond of CPU however few events it carries, and a busy producer would otherwise get
+# a request every few ops (and share its GIL with them).
+_LINGER_BELOW = 500
+_LINGER = 0.02
 # How often a long drain records the sender's state in the file.
 _RECORD_EVERY = 1.0
 # The soonest a failed request is tried again, whatever Retry-After says.
@@ -250,6 +251,7 @@ class Sender:
         self._send_wanted = False
         self._checkpoint_wanted = False
         self._stop = threading.Event()
+        self._hurry = threading.Event()  # a flush waits, or the thread is to stop: no lingering
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
         self._watchdog = _Watchdog(self._transport)
@@ -356,6 +358,7 @@ class Sender:
             first_cycle = self._cycles + 1
             blocked_at_start, failed_at_start = self._blocked, self._failed
             self._waiters += 1
+        self._hurry.set()
         try:
             if not self.start():
                 return self._flush_inline(pending, deadline, retry)
@@ -419,6 +422,7 @@ class Sender:
     def stop(self, timeout: float) -> None:
         """Stop the thread; wait at most ``timeout`` for a request in flight to end."""
         self._stop.set()
+        self._hurry.set()
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -436,6 +440,7 @@ class Sender:
         if thread is None or not thread.is_alive() or self._pid != os.getpid():
             return
         self._stop.set()
+        self._hurry.set()
         self._wake.set()
         while thread.is_alive():
             left = deadline - time.monotonic()
@@ -704,8 +709,10 @@ class Sender:
                 outbox.checkpoint()
             if self._settled(outcome):
                 return
-            if run.ops < _LINGER_BELOW and not self._waiters and deadline is None:
-                self._stop.wait(_LINGER)
+            if run.ops < min(_LINGER_BELOW, options.max_batch_size) and deadline is None:
+                self._hurry.clear()
+                if not self._waiters and not self._stop.is_set():
+                    self._hurry.wait(_LINGER)
 
     def _deliver_held(self, deadline: Optional[float]) -> None:
         """While the file cannot be written, deliver the ops held in memory, in order: the
