@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -79,6 +80,7 @@ def main(argv: list[str]) -> int:
     machine["timer_overhead_ns"] = timer_overhead_ns()
     machine["workdir_device"] = _device_of(workdir)
     machine["loadavg_start"] = _loadavg()
+    cpu_start = _cpu_times()
     if machine["loadavg_start"] and machine["loadavg_start"][0] > 0.5:
         print(
             f"warning: load average {machine['loadavg_start'][0]:.2f} before the run: "
@@ -115,13 +117,22 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
     machine["loadavg_end"] = _loadavg()
+    machine["steal_percent"] = _steal_percent(cpu_start, _cpu_times())
     print(render_table(results))
     print(
         f"\nmachine: {machine['cpu_count']} CPUs ({machine.get('cpu_model', '?')}), python "
         f"{machine['python']}, SQLite {machine['sqlite']}, {machine['platform']}; temporary "
         f"files on {machine['workdir_device']}; load average at start "
-        f"{_fmt_load(machine['loadavg_start'])}, at end {_fmt_load(machine['loadavg_end'])}"
+        f"{_fmt_load(machine['loadavg_start'])}, at end {_fmt_load(machine['loadavg_end'])}; "
+        f"CPU time stolen by the hypervisor during the run: {_fmt_steal(machine['steal_percent'])}"
     )
+    steal = machine["steal_percent"]
+    if steal is not None and steal > 5:
+        print(
+            f"warning: the hypervisor took {steal:.0f}% of this machine's CPU time during the "
+            "run: every figure is slower than the machine's own, ratios less so",
+            file=sys.stderr,
+        )
     report = {
         "started": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(),
         "seconds": round(time.time() - started, 1),
@@ -147,6 +158,28 @@ def _loadavg() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+def _cpu_times() -> Optional[list[int]]:
+    """The machine's CPU time counters (``/proc/stat``'s first line), or ``None``."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def _steal_percent(start: Optional[list[int]], end: Optional[list[int]]) -> Optional[float]:
+    """How much of the CPU time between two readings a hypervisor gave to other guests (the
+    8th counter, ``steal``): a machine under steal runs everything slower, unevenly."""
+    if not start or not end or len(start) < 8 or len(end) < 8:
+        return None
+    total = sum(end[:8]) - sum(start[:8])
+    return round(100 * (end[7] - start[7]) / total, 1) if total > 0 else None
+
+
+def _fmt_steal(steal: Optional[float]) -> str:
+    return "?" if steal is None else f"{steal:.0f}%"
 
 
 def _fmt_load(load: list[float]) -> str:
