@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import httpx
 import pytest
 
-from whisperr_durable import DurableWhisperr, WhisperrError, _retry
+from whisperr_durable import DurableWhisperr, WhisperrError, _retry, _sender
 
 API_KEY = "wrk_sender_key"
 BASE_URL = "http://whisperr.test"
@@ -330,3 +330,38 @@ def test_a_transport_that_raises_a_foreign_exception_loses_nothing(
     assert client.flush(timeout=5).ok
     assert rec.paths[-2:] == ["/v1/identify", "/v1/events/batch"]
     assert ids(rec.batches()[-1]) == [0]
+
+
+class _Lingering(threading.Event):
+    """The sender's hurry event, which also tells when the sender starts to linger on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lingering = threading.Event()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self.lingering.set()
+        return super().wait(timeout)
+
+
+@pytest.mark.parametrize("end", ["flush", "shutdown"])
+def test_a_flush_or_a_shutdown_ends_the_senders_lingering_at_once(
+    make_client: Callable[..., DurableWhisperr], monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    # After a batch that did not fill max_batch_size, the sender lets ops gather before it
+    # claims again; here for longer than any test could wait.
+    monkeypatch.setattr(_sender, "_LINGER", 3600.0)
+    recorder = Recorder(accepted)
+    client = make_client(recorder, flush_at=1)
+    hurry = client._sender._hurry = _Lingering()
+    client.track("u1", "lingering", {"i": 0})
+    assert hurry.lingering.wait(10)  # the one-op batch went; the sender lingers
+    assert recorder.delivered() == [0]
+    client.track("u1", "lingering", {"i": 1})
+    if end == "flush":
+        assert client.flush(timeout=10).ok
+    else:
+        client.shutdown(timeout=10)  # its final flush
+        thread = client._sender._thread
+        assert thread is not None and not thread.is_alive()
+    assert recorder.delivered() == [0, 1]

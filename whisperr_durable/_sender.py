@@ -60,9 +60,9 @@ _REQUEST_SLACK = 0.5
 # A long drain checkpoints after this many batches (the end of each cycle does too).
 _CHECKPOINT_EVERY_BATCHES = 8
 # After a batch of fewer rows than this (or than max_batch_size), with no flush waiting, the
-# sender lets ops gather for a moment before it claims again: a request costs most of a
-# millisecond of CPU however few events it carries, and a busy producer would otherwise get
-# a request every few ops (and share its GIL with them).
+# sender lets ops gather for a moment, and goes on if flush_at was reached meanwhile: a
+# request costs most of a millisecond of CPU however few events it carries, and a busy
+# producer would otherwise get a request every few ops (and share its GIL with them).
 _LINGER_BELOW = 500
 _LINGER = 0.02
 # How often a long drain records the sender's state in the file.
@@ -713,6 +713,11 @@ class Sender:
                 self._hurry.clear()
                 if not self._waiters and not self._stop.is_set():
                     self._hurry.wait(_LINGER)
+                    # Go on only for what would have started a cycle anyway: flush_at
+                    # reached meanwhile, or a flush waiting.
+                    if not self._send_wanted and not self._waiters:
+                        return
+                    self._send_wanted = False
 
     def _deliver_held(self, deadline: Optional[float]) -> None:
         """While the file cannot be written, deliver the ops held in memory, in order: the
