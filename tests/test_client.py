@@ -391,7 +391,7 @@ def test_retry_exhaustion_keeps_the_ops_and_counts_attempts(
 
 @pytest.mark.usefixtures("fast_backoff")
 def test_retry_after_is_waited_out(server: DevServer, make_client: MakeClient) -> None:
-    wait_s = 0.3  # the patched backoff alone would retry after about 1 ms
+    wait_s = 1  # whole seconds (the contract's rule); the patched backoff alone: about 1 ms
     server.retry_after = str(wait_s)
     server.push_script(503)
     seen: list[float] = []

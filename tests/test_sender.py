@@ -365,3 +365,47 @@ def test_a_flush_or_a_shutdown_ends_the_senders_lingering_at_once(
         thread = client._sender._thread
         assert thread is not None and not thread.is_alive()
     assert recorder.delivered() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after"),
+    [
+        (500, "30"),  # Retry-After counts on 429 and 503 only
+        (502, "30"),
+        (504, "Sun, 06 Dec 2099 00:00:00 GMT"),
+        (503, "30.5"),  # whole seconds only: an unreadable value
+        (429, "+30"),
+    ],
+)
+def test_a_retry_after_outside_the_contracts_rules_leaves_the_normal_backoff(
+    make_client: Callable[..., DurableWhisperr], status: int, retry_after: str
+) -> None:
+    answers = iter([httpx.Response(status, headers={"Retry-After": retry_after})])
+
+    def decide(request: httpx.Request) -> httpx.Response:
+        return next(answers, None) or accepted(request)
+
+    rec = Recorder(decide)
+    errors: list[WhisperrError] = []
+    client = make_client(rec, on_error=errors.append)
+    client.track("u1", "an_event", {"i": 0})
+    # The backoff here is a millisecond: a Retry-After honoured would outlast the flush.
+    assert client.flush(timeout=5).ok
+    assert rec.statuses == [status, 202]
+    assert errors == []
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_retry_after_on_429_or_503_is_waited_out_and_keeps_counting_retries(
+    make_client: Callable[..., DurableWhisperr], status: int
+) -> None:
+    rec = Recorder(lambda request: httpx.Response(status, headers={"Retry-After": "0"}))
+    errors: list[WhisperrError] = []
+    client = make_client(rec, max_retries=2, on_error=errors.append)
+    client.track("u1", "an_event", {"i": 0})
+    result = client.flush(timeout=10)
+    # Retry-After: 0 asked for no wait, and did not reset the count: the first attempt and
+    # two retries, then the ops stay queued.
+    assert (result.pending, result.reason) == (1, "retry_exhausted")
+    assert rec.statuses == [status] * 3
+    assert [e.type for e in errors] == ["retry_exhausted"]

@@ -39,18 +39,25 @@ def backoff(retry: int, rand: Callable[[], float] = random.random) -> float:
     return min(BACKOFF_CAP, 2.0 ** min(retry, 16)) + rand() * BACKOFF_JITTER
 
 
+# The statuses whose Retry-After is honoured (the contract's rule); any other answer's is
+# ignored, and the normal backoff applies.
+RETRY_AFTER_STATUSES = (429, 503)
+
+
 def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
-    """Seconds to wait from a ``Retry-After`` value (delta-seconds or an HTTP date).
+    """Seconds to wait from a ``Retry-After`` value: whole seconds (delta-seconds) or an
+    HTTP date.
 
     ``now`` is the wall-clock time (epoch seconds) to measure a date against. The result is
-    capped at :data:`RETRY_AFTER_CAP`; an unreadable value gives ``None``.
+    capped at :data:`RETRY_AFTER_CAP`; anything else (a fraction, a sign, words) gives
+    ``None``, and the normal backoff applies.
     """
     if not value:
         return None
     value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
+    if value.isascii() and value.isdigit():
+        seconds = float(min(int(value[:12]), 10**9))
+    else:
         # Imported here: an HTTP date is rare, and email.utils costs every process 7 ms.
         from email.utils import parsedate_to_datetime
 
@@ -61,6 +68,4 @@ def parse_retry_after(value: Optional[str], now: float) -> Optional[float]:
         if when.tzinfo is None:  # "-0000": UTC with no claim about the origin's zone
             when = when.replace(tzinfo=timezone.utc)
         seconds = when.timestamp() - now
-    if seconds != seconds:  # NaN
-        return None
     return min(max(seconds, 0.0), RETRY_AFTER_CAP)

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from ._retry import RETRY, classify, parse_retry_after
+from ._retry import RETRY, RETRY_AFTER_STATUSES, classify, parse_retry_after
 from ._version import __version__
 
 log = logging.getLogger("whisperr_durable")
@@ -100,7 +100,11 @@ class Transport:
         return Outcome(
             classify(status),
             status=status,
-            retry_after=parse_retry_after(retry_after, time.time()),
+            retry_after=(
+                parse_retry_after(retry_after, time.time())
+                if status in RETRY_AFTER_STATUSES
+                else None
+            ),
             detail=f"HTTP {status}",
         )
 
