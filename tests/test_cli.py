@@ -16,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -821,3 +822,14 @@ def test_broken_pipe_is_not_an_error(env: dict[str, str], db_path: str) -> None:
     assert reader.wait(timeout=10) == 0
     assert json.loads(first)["body"]["properties"]["i"] == 0
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_base_url_that_is_no_url_is_a_usage_error_at_once(
+    env: dict[str, str], db_path: str
+) -> None:
+    fill(env, db_path, [(API_KEY, "track", "user_1", "signup")])
+    started = time.monotonic()
+    run = cli(env, "flush", "--path", db_path, "--base-url", "not-a-url", WHISPERR_API_KEY=API_KEY)
+    assert_one_line_error(run, 2, "base_url 'not-a-url'", "http or https")
+    assert time.monotonic() - started < 10  # not a retry loop against a URL that cannot work
+    assert key_status(status_json(env, db_path), API_KEY)["pending"] == 1  # still queued

@@ -432,6 +432,15 @@ def test_an_infinite_shutdown_timeout_is_accepted_as_no_limit(
         ("flush_at", 1.5),
         ("max_queue_size", True),
         ("store_timeout", -1),
+        ("base_url", "not-a-url"),
+        ("base_url", "api.whisperr.net"),
+        ("base_url", "ftp://api.whisperr.net"),
+        ("base_url", "https://"),
+        ("base_url", "https://api.whisperr.net:99999"),
+        ("base_url", "https://api.whisperr.net/?key=1"),
+        ("base_url", "https://api.whisperr.net/#top"),
+        ("base_url", "https://api whisperr.net"),
+        ("base_url", None),
     ],
     ids=repr,
 )
@@ -440,6 +449,14 @@ def test_an_option_that_cannot_work_is_refused_at_construction(
 ) -> None:
     with pytest.raises(ValueError, match=option):
         make_client(**{option: value})
+
+
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080", "https://api.whisperr.net/", "https://example.com/whisperr"]
+)
+def test_a_base_url_with_a_path_or_a_port_is_accepted(make_client: MakeClient, url: str) -> None:
+    client = make_client(base_url=url)
+    assert client.stats().pending == 0
 
 
 def test_an_infinite_flush_interval_from_the_environment_fails_at_setup(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from typing import NamedTuple
+from urllib.parse import urlsplit
 
 DEFAULT_BASE_URL = "https://api.whisperr.net"
 DEFAULT_PATH = "~/.whisperr.db"
@@ -94,6 +95,7 @@ class Options(NamedTuple):
             _require_seconds(name, getattr(self, name), positive=True)
         _require_seconds("store_timeout", self.store_timeout, positive=False)
         _require_seconds("shutdown_timeout", self.shutdown_timeout, positive=False, inf=True)
+        _require_base_url(self.base_url)
         return self._replace(
             max_batch_size=min(self.max_batch_size, MAX_BATCH_SIZE),
             base_url=self.base_url.rstrip("/"),
@@ -110,6 +112,30 @@ def _require_int(name: str, value: object, *, minimum: int) -> None:
     if value < minimum:
         rule = "must be positive" if minimum > 0 else "must not be negative"
         raise ValueError(f"{name} {rule}, got {value!r}")
+
+
+def _require_base_url(value: object) -> None:
+    """An http or https URL with a host, and nothing the request paths could not follow: a
+    wrong one fails here, at once, instead of in every request."""
+    if not isinstance(value, str):
+        raise ValueError(f"base_url must be a URL, got {value!r}")
+    problem = ""
+    try:
+        url = urlsplit(value)
+        _ = url.port  # raises on a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if url.scheme not in ("http", "https"):
+            problem = "the scheme must be http or https"
+        elif not url.hostname:
+            problem = "it names no host"
+        elif url.query or url.fragment or "?" in value or "#" in value:
+            problem = "a query or a fragment cannot be followed by the API's paths"
+        elif not (value.isascii() and value.isprintable()) or " " in value:
+            problem = "it has spaces or characters that cannot be sent"
+    if problem:
+        raise ValueError(f"base_url {value!r} is not usable: {problem}")
 
 
 def _require_seconds(name: str, value: object, *, positive: bool, inf: bool = False) -> None:
