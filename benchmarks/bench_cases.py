@@ -37,6 +37,7 @@ from bench_common import (
     run_child,
     slope,
     spawn,
+    stored_count,
     summarize_ns,
     time_calls,
 )
@@ -368,7 +369,7 @@ def bench_bulk(ctx: Context) -> Result:
     cpu = process_cpu_seconds()
     with gc_paused():
         start = time.perf_counter()
-        stored = client.track_many(iter(items))
+        stored = stored_count(client.track_many(iter(items)))
         elapsed = time.perf_counter() - start
     cpu = process_cpu_seconds() - cpu
     rate = stored / elapsed

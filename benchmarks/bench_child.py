@@ -16,7 +16,7 @@ from array import array
 from collections.abc import Iterator
 from typing import Any
 
-from bench_common import API_KEY, EVENT_TYPE, PROPERTIES, USER_ID
+from bench_common import API_KEY, EVENT_TYPE, PROPERTIES, USER_ID, stored_count
 
 # Large enough that the sender never wakes on its own while we work.
 IDLE: dict[str, Any] = {"flush_at": 10**9, "flush_interval": 3600.0}
@@ -42,7 +42,7 @@ def build_backlog(path: str, n: int, url: str) -> dict[str, Any]:
     start = time.perf_counter()
     if hasattr(client, "track_many"):
         method = "track_many"
-        stored = client.track_many(events(n))
+        stored = stored_count(client.track_many(events(n)))
     else:  # before track_many existed: the outbox's own bulk append
         from whisperr_durable._client import key_fingerprint
         from whisperr_durable._store import Outbox

@@ -190,6 +190,12 @@ def dir_size(path: str, prefix: str) -> int:
     )
 
 
+def stored_count(result: Any) -> int:
+    """What ``track_many`` committed: its result's ``stored``, or the int older versions
+    returned."""
+    return result if isinstance(result, int) else int(result.stored)
+
+
 def queue_size(path: str) -> int:
     """Rows queued in the outbox (all keys), in O(log n) per key: the span of ids of each
     key's queue table. Rows only leave a queue from its head, so the span is the count."""

@@ -30,6 +30,7 @@ from conftest import (
 import whisperr_durable
 from whisperr_durable import (
     SDK_NAME,
+    BulkResult,
     DurableWhisperr,
     Whisperr,
     WhisperrError,
@@ -99,6 +100,7 @@ def test_public_exports_are_pinned() -> None:
     assert set(whisperr_durable.__all__) == {
         "SDK_NAME",
         "BillingEvent",
+        "BulkResult",
         "DeadLetter",
         "DurableWhisperr",
         "FlushResult",
@@ -764,7 +766,7 @@ def test_track_many_stores_everything_in_order_and_skips_invalid_items(
     items[30] = ("u1",)
     items.append({"external_user_id": "u2", "event_type": "from_a_dict", "properties": {"i": -1}})
     items.append(("u3", "with_context", {"i": -2}, {"$mode": "test"}))
-    assert client.track_many(iter(items)) == 2500 - 3 + 2
+    assert client.track_many(iter(items)).stored == 2500 - 3 + 2
     assert [e.type for e in errors] == ["dropped"] * 3
     assert client.stats().pending == 2499
     assert client.flush(timeout=10).ok
@@ -782,6 +784,46 @@ def test_track_many_in_strict_mode_raises_for_an_invalid_item(make_client: MakeC
     with pytest.raises(ValueError):
         client.track_many([("u1", "fine"), ("u1", "Not Fine"), ("u1", "after")])
     assert client.stats().pending == 1  # the valid item before it is stored, none after
+
+
+def test_a_bulk_load_larger_than_the_queue_waits_for_delivery_instead_of_evicting_itself(
+    make_client: MakeClient, server: DevServer
+) -> None:
+    errors: list[WhisperrError] = []
+    client = make_client(max_queue_size=300, on_error=errors.append)
+    result = client.track_many(("u1", "bulk_event", {"i": i}) for i in range(3000))
+    assert result == BulkResult(stored=3000, held=0, evicted=0)
+    assert client.stats().evicted == 0 and client.stats().pending <= 300
+    assert client.flush(timeout=30).ok
+    assert numbers(server.events) == list(range(3000))
+    assert errors == []
+
+
+@pytest.mark.parametrize("answer", [0, 401, 404])  # 0: nothing listens
+def test_a_bulk_load_evicts_as_the_contract_says_when_delivery_cannot_proceed(
+    make_client: MakeClient, server: DevServer, answer: int
+) -> None:
+    errors: list[WhisperrError] = []
+    if not answer:
+        client = make_client(base_url=closed_port_url(), max_queue_size=300)
+    else:
+        server.answer = answer
+        client = make_client(max_queue_size=300, on_error=errors.append)
+    started = time.monotonic()
+    result = client.track_many(("u1", "bulk_event", {"i": i}) for i in range(1000))
+    # No waiting out a failure (a retry's backoff, a pause): the first failed request ends it.
+    assert time.monotonic() - started < 5
+    # The newest stay (a full queue makes room for 1% more at once); the call says what it
+    # evicted, and so does the counter.
+    kept = client.stats().pending
+    assert 297 <= kept <= 300
+    assert result == BulkResult(stored=1000, held=0, evicted=1000 - kept)
+    assert client.stats().evicted == 1000 - kept
+    if answer:
+        assert "dropped" in [e.type for e in errors]
+        server.answer = None
+        assert client.flush(timeout=10).ok
+        assert numbers(server.events) == list(range(1000 - kept, 1000))
 
 
 def test_shutdown_stops_at_the_first_failure_and_keeps_the_rest(

@@ -580,7 +580,7 @@ def test_track_many_keeps_the_valid_items_around_a_hostile_one(
 ) -> None:
     errors: list[WhisperrError] = []
     client = make_client(on_error=errors.append)
-    assert client.track_many([good(0), ("u1", "bulk_event", GetitemRaises()), good(2)]) == 2
+    assert client.track_many([good(0), ("u1", "bulk_event", GetitemRaises()), good(2)]).stored == 2
     assert [e.type for e in errors] == ["dropped"]
     assert client.flush(timeout=10).ok
     assert numbers(server.events) == [0, 2]
@@ -597,7 +597,7 @@ def test_track_many_stops_at_a_failing_iterable_and_keeps_what_came_before(
 ) -> None:
     errors: list[WhisperrError] = []
     client = make_client(on_error=errors.append)
-    assert client.track_many(failing_after_two()) == 2
+    assert client.track_many(failing_after_two()).stored == 2
     assert [e.type for e in errors] == ["dropped"]
     assert client.flush(timeout=10).ok
     assert numbers(server.events) == [0, 1]

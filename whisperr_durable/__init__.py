@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from ._billing import BillingEvent
-from ._client import DurableWhisperr, Whisperr
+from ._client import BulkResult, DurableWhisperr, Whisperr
 from ._errors import WhisperrError
 from ._sender import FlushResult
 from ._store import DeadLetter, StoreError
@@ -25,6 +25,7 @@ from ._wire import SDK_NAME
 __all__ = [
     "SDK_NAME",
     "BillingEvent",
+    "BulkResult",
     "DeadLetter",
     "DurableWhisperr",
     "FlushResult",

@@ -12,7 +12,7 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 
 from ._errors import Reporter, WhisperrError
 from ._options import (
@@ -58,6 +58,21 @@ OnError = Callable[[WhisperrError], None]
 _TRACK_FIELDS = ("external_user_id", "event_type", "properties", "context")
 # Ops per transaction in track_many(): large enough to make a commit's cost negligible.
 _BULK_CHUNK = 1_000
+# What a write came to when a signal handler made it: set aside, stored by the next one.
+_SET_ASIDE = Written()
+
+
+class BulkResult(NamedTuple):
+    """What one ``track_many()`` came to: events committed to the file when it returned,
+    events held in memory (the file could not be written; the sender delivers them from
+    there), and the oldest queued ops evicted meanwhile to keep ``max_queue_size`` (this
+    call's own, or older ones) because delivery could not keep up."""
+
+    stored: int = 0
+    held: int = 0
+    evicted: int = 0
+
+
 # A timeout this long (or infinite) is no limit: threading refuses waits beyond a bound.
 _NO_LIMIT = 1e9
 
@@ -250,22 +265,41 @@ class DurableWhisperr:
             return
         self._write([(IDENTIFY, body, self._clock_ms())], group=True)
 
-    def track_many(self, events: Iterable[Union[Sequence[Any], Mapping[str, Any]]]) -> int:
+    def track_many(self, events: Iterable[Union[Sequence[Any], Mapping[str, Any]]]) -> BulkResult:
         """Record many events at a fraction of the cost of one ``track()`` each: the bulk path.
 
         Each item is ``(external_user_id, event_type[, properties[, context]])`` or a dict
         with those keys. Events are encoded as ``track()`` would, and stored up to
         1,000 to a transaction; invalid items are skipped and reported as for ``track()``.
-        Returns how many were committed to the file (ops held in memory while it cannot be
-        written are not counted); when it returns, they are all committed. An iterable that
-        raises ends the call: what came before it is stored, and the failure is reported as
-        ``dropped`` (raised with ``strict=True``).
+        An iterable that raises ends the call: what came before it is stored, and the
+        failure is reported as ``dropped`` (raised with ``strict=True``).
+
+        A load larger than ``max_queue_size`` does not evict its own events while delivery
+        keeps up: before each transaction that would not fit, the call waits for the sender
+        to make room. Once delivery cannot (the server down or refusing the key, the queue
+        not shrinking for a request's time), the rest is stored at once and the oldest ops
+        are evicted, as the contract says. The result counts what was committed to the
+        file, held in memory (the file could not be written), and evicted meanwhile.
         """
         if self._disabled:
-            return 0
-        stored = 0
+            return BulkResult()
+        stored = held = evicted = 0
+        bound = self._options.max_queue_size
+        size = min(_BULK_CHUNK, bound)  # a transaction that fits the queue once it has room
+        waiting = True  # for room, until delivery cannot make it
         chunk: list[tuple[int, str, int]] = []
         ids: list[str] = []  # drawn for a chunk at a time: one read of the random source
+
+        def write() -> None:
+            nonlocal stored, held, evicted, waiting, chunk
+            if waiting and self._writer.room() < len(chunk):
+                waiting = self._sender.wait_for_room(self._writer.room, len(chunk))
+            written = self._write(chunk)
+            chunk = []
+            stored += written.stored
+            held += written.held
+            evicted += written.evicted
+
         try:
             iterator = iter(events)
             while True:
@@ -283,17 +317,16 @@ class DurableWhisperr:
                     continue
                 ids.pop()
                 chunk.append(body)
-                if len(chunk) >= _BULK_CHUNK:
-                    stored += self._write(chunk)
-                    chunk = []
+                if len(chunk) >= size:
+                    write()
         except TypeError as exc:  # not iterable at all
             self._invalid("track_many", exc, what="events")
         finally:
             # Whatever happened above (strict mode raising included), the valid items
             # already taken are stored.
             if chunk:
-                stored += self._write(chunk)
-        return stored
+                write()
+        return BulkResult(stored, held, evicted)
 
     def _encode_item(self, item: Any, msg_id: str) -> Optional[tuple[int, str, int]]:
         now_ms = self._clock_ms()
@@ -455,13 +488,13 @@ class DurableWhisperr:
         finally:
             self._inside.discard(ident)
 
-    def _write(self, ops: list[tuple[int, str, int]], *, group: bool = False) -> int:
-        """Hand ops to the writer and wake the sender for them; returns how many were
-        committed to the file. The hot path of track(): the guard is spelled out."""
+    def _write(self, ops: list[tuple[int, str, int]], *, group: bool = False) -> Written:
+        """Hand ops to the writer and wake the sender for them; what the write came to. The
+        hot path of track(): the guard is spelled out."""
         ident = threading.get_ident()
         if ident in self._inside:  # a signal handler interrupted this thread in the client
             self._writer.set_aside(ops)
-            return 0
+            return _SET_ASIDE
         self._inside.add(ident)
         try:
             written = self._writer.write(ops, group=group)
@@ -469,7 +502,7 @@ class DurableWhisperr:
         finally:
             self._inside.discard(ident)
         self._writer.emit_deferred()  # outside: the callback may track
-        return written.stored
+        return written
 
     def _after_write(self, written: Written) -> None:
         """Wake the sender for what was written: ops tracked after shutdown() stay in the

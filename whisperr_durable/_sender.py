@@ -65,6 +65,9 @@ _CHECKPOINT_EVERY_BATCHES = 8
 # producer would otherwise get a request every few ops (and share its GIL with them).
 _LINGER_BELOW = 500
 _LINGER = 0.02
+# How often a bulk write that waits for room looks at the queue again (progress wakes it
+# sooner).
+_ROOM_POLL = 0.01
 # How often a long drain records the sender's state in the file.
 _RECORD_EVERY = 1.0
 # The soonest a failed request is tried again, whatever Retry-After says.
@@ -335,6 +338,29 @@ class Sender:
             _started.add(self)
         finally:
             self._cond.release()
+        return True
+
+    def wait_for_room(self, room: Callable[[], int], needed: int) -> bool:
+        """For a bulk write: wait until the queue takes ``needed`` more ops (``room()``)
+        without evicting. ``True`` once it does; ``False`` as soon as delivery cannot make
+        room: this process's sender is stopped, backing off after a failure or paused (key
+        rejected, wrong URL), or the queue has not shrunk for a request's time (another
+        process that leads may be failing)."""
+        if not self.start():
+            return False
+        stall = self._options.request_timeout + _REQUEST_SLACK
+        best = room()
+        moved = time.monotonic()
+        while best < needed:
+            self.wake()
+            now = time.monotonic()
+            if self._stop.is_set() or now < self._not_before or now - moved >= stall:
+                return False
+            with self._cond:
+                self._cond.wait(_ROOM_POLL)
+            left = room()
+            if left > best:
+                best, moved = left, time.monotonic()
         return True
 
     def flush(

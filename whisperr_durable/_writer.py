@@ -50,6 +50,7 @@ class Written(NamedTuple):
     held: int = 0  # held in memory (the file cannot be written)
     wake: bool = False  # flush_at ops since the sender was last woken
     checkpoint: bool = False  # enough appended for the sender to checkpoint the WAL
+    evicted: int = 0  # the oldest ops of the queue, evicted to keep max_queue_size
 
 
 class Barrier(NamedTuple):
@@ -217,7 +218,7 @@ class Writer:
         if evicted:
             self._note_eviction(evicted)
         with self._hold_lock:
-            return self._count_written(stored=len(ops))
+            return self._count_written(stored=len(ops))._replace(evicted=evicted)
 
     def _count_written(self, *, stored: int = 0, held: int = 0) -> Written:
         self._since_wake += stored + held
@@ -474,6 +475,15 @@ class Writer:
         with self._lock:
             last_id = max(last_id, barrier.last_id)
             return held + self._outbox.pending_through(last_id, exact=exact)
+
+    def room(self) -> int:
+        """How many more ops the file's queue takes before max_queue_size evicts (at least;
+        a queue that cannot be read has room: the write will say what is wrong)."""
+        try:
+            with self._lock:
+                return self._options.max_queue_size - self._outbox.span()
+        except StoreError:
+            return self._options.max_queue_size
 
     @property
     def used(self) -> bool:

@@ -529,6 +529,15 @@ class Outbox(Connection):
         ((count,),) = self._read(sql, (last_id,))
         return int(count)
 
+    def span(self) -> int:
+        """How many ids lie between this key's oldest and newest queued op, both counted:
+        at no cost on any backlog, the number of queued ops, or more where rows in the
+        middle left first (0: none queued)."""
+        ((first, last),) = self._read(
+            f"SELECT (SELECT min(id) FROM {self._table}), (SELECT max(id) FROM {self._table})"
+        )
+        return int(last) - int(first) + 1 if first is not None and last is not None else 0
+
     def has_pending(self) -> bool:
         """Whether this key has any op queued (one look at the head of the index)."""
         ((any_row,),) = self._read(f"SELECT EXISTS (SELECT 1 FROM {self._table})")
