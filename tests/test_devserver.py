@@ -21,6 +21,7 @@ import pytest
 
 from whisperr_durable.devserver import (
     BATCH_PATH,
+    EVENTS_VIEW_PATH,
     IDENTIFY_PATH,
     TRACK_PATH,
     DevServer,
@@ -734,6 +735,34 @@ def test_parse_script() -> None:
         parse_script("99")
 
 
+# --- what arrived, for people and other languages' tests ---
+
+
+def test_the_events_view_gives_what_arrived_and_delete_forgets_it() -> None:
+    with DevServer(KEY, clock=lambda: NOW) as srv:
+        first, second = make_event(message_id="m1"), make_event("trial_expired", message_id="m2")
+        assert send(srv.port, BATCH_PATH, batch(first, second)).status == 202
+        assert send(srv.port, BATCH_PATH, batch(first)).status == 202  # a duplicate
+        traits = {"external_user_id": "user_1", "traits": {"plan": "pro"}}
+        assert send(srv.port, IDENTIFY_PATH, traits).status == 202
+
+        view = send(srv.port, EVENTS_VIEW_PATH, method="GET", key=None)
+        assert view.status == 200
+        assert view.body == {"events": [first, second], "identifies": [traits], "duplicates": 1}
+        assert view.body["events"] == srv.events
+        assert len(srv.requests) == 3  # the view is not an ingestion request
+
+        cleared = send(srv.port, EVENTS_VIEW_PATH, method="DELETE", key=None)
+        assert (cleared.status, cleared.body) == (200, {"cleared": 3})
+        empty = send(srv.port, EVENTS_VIEW_PATH, method="GET", key=None).body
+        assert empty == {"events": [], "identifies": [], "duplicates": 0}
+        # The message ids are forgotten too: the same event is new again.
+        assert send(srv.port, BATCH_PATH, batch(first)).status == 202
+        assert srv.events == [first] and srv.duplicates == 0
+        wrong = send(srv.port, EVENTS_VIEW_PATH, batch(first), key=None)
+        assert (wrong.status, wrong.headers["allow"]) == (405, "GET, DELETE")
+
+
 # --- command line ---
 
 
@@ -769,6 +798,42 @@ def test_cli_prints_its_url_then_one_line_per_request() -> None:
     assert f"POST {BATCH_PATH} 503" in log[0]
     assert log[1].rstrip().endswith(f"POST {BATCH_PATH} 202 accepted=1 rejected=0")
     assert not any("wrk_cli" in line or "user_1" in line for line in log)
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_cli_prints_a_line_per_op_received_unless_quiet(quiet: bool) -> None:
+    flags = ["--port", "0", "--api-key", "wrk_cli", *(["--quiet"] if quiet else [])]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "whisperr_durable.devserver", *flags],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline().strip().rsplit(":", 1)[1])
+        now = datetime.now(timezone.utc)
+        events = [make_event(at=now, message_id="m1"), make_event("trial_expired", at=now)]
+        assert send(port, BATCH_PATH, batch(*events), key="wrk_cli").status == 202
+        identify = {"external_user_id": "user_2", "traits": {"email": "ada@example.com"}}
+        assert send(port, IDENTIFY_PATH, identify, key="wrk_cli").status == 202
+        assert send(port, BATCH_PATH, batch(make_event(at=NOW)), key="nope").status == 401
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    received = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    if quiet:
+        assert received == []
+    else:
+        assert received == [
+            "event user_1 payment_failed m1",
+            "event user_1 trial_expired -",
+            "identify user_2",
+        ]
+    # Request lines either way; never a key, a property or a trait.
+    assert sum(" POST " in line for line in out.splitlines()) == 3
+    assert not any(word in out for word in ("wrk_cli", "4900", "ada@example.com"))
 
 
 def test_cli_answer_pad_response_and_trickle() -> None:

@@ -86,6 +86,10 @@ BATCH_PATH = "/v1/events/batch"
 IDENTIFY_PATH = "/v1/identify"
 TRACK_PATH = "/v1/events/track"
 ROUTES = frozenset({BATCH_PATH, IDENTIFY_PATH, TRACK_PATH})
+# What the server received, for people and for other languages' tests: GET gives it as JSON
+# (events, identifies and the count of duplicates, in arrival order), DELETE forgets it.
+# Needs no key, and is not an ingestion request (``requests`` does not record it).
+EVENTS_VIEW_PATH = "/_dev/events"
 
 MAX_BATCH_EVENTS = 500
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -360,9 +364,10 @@ class DevServer:
     """An in-memory Whisperr ingestion server on a local port, run in a daemon thread.
 
     ``api_key``, ``retry_after``, ``latency``, ``failure_rate``, ``legacy``, ``trickle``,
-    ``pad_response``, ``answer``, ``max_body_bytes``, ``clock`` and ``verbose`` may be
-    reassigned while it runs: each is read once per request and replaced whole, which is
-    atomic, so they need no lock.
+    ``pad_response``, ``answer``, ``max_body_bytes``, ``clock``, ``verbose`` and
+    ``print_events`` (with ``verbose``: a line per op received) may be reassigned while it
+    runs: each is read once per request and replaced whole, which is atomic, so they need no
+    lock.
     ``script`` is a property guarded by the lock, like everything the server records.
     """
 
@@ -384,6 +389,7 @@ class DevServer:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         clock: Callable[[], datetime] | None = None,
         verbose: bool = False,
+        print_events: bool = False,
     ) -> None:
         if api_key == "":
             raise ValueError("api_key must be a non-empty string, or None to accept any request")
@@ -411,6 +417,7 @@ class DevServer:
         self.max_body_bytes = max_body_bytes
         self.clock: Callable[[], datetime] = clock or _utc_now
         self.verbose = verbose
+        self.print_events = print_events
         self._port = port
         self._random = random.Random(seed)
         self._lock = threading.Lock()
@@ -586,6 +593,28 @@ class DevServer:
             else:
                 self._connections.discard(connection)
 
+    def _view(self, method: str) -> _Reply:
+        """``GET`` or ``DELETE`` of EVENTS_VIEW_PATH."""
+        if method == "GET":
+            with self._lock:
+                return _Reply(
+                    200,
+                    {
+                        "events": list(self._events),
+                        "identifies": list(self._identifies),
+                        "duplicates": self._duplicates,
+                    },
+                )
+        if method == "DELETE":
+            with self._lock:
+                cleared = len(self._events) + len(self._identifies)
+                self._events.clear()
+                self._identifies.clear()
+                self._message_ids.clear()
+                self._duplicates = 0
+            return _Reply(200, {"cleared": cleared})
+        return _error(405, "use GET or DELETE", (("Allow", "GET, DELETE"),))
+
     def _respond(
         self,
         method: str,
@@ -593,7 +622,9 @@ class DevServer:
         headers: dict[str, str],
         body: bytes,
         body_problem: _Reply | None,
-    ) -> tuple[_Reply, RecordedRequest]:
+    ) -> tuple[_Reply, RecordedRequest | None]:
+        if path == EVENTS_VIEW_PATH:
+            return self._view(method), None
         if self.latency > 0:
             self._stopping.wait(self.latency)
         if self._stopping.is_set():
@@ -614,6 +645,8 @@ class DevServer:
             self._changed.notify_all()
         if self.verbose:
             _print_request_line(method, path, reply)
+            if self.print_events and reply.status is not None and 200 <= reply.status < 300:
+                _print_received(path, body)
         return replace(reply, trickle=self.trickle, padding=self.pad_response), record
 
     def _record_bytes_sent(self, record: RecordedRequest, bytes_sent: int) -> None:
@@ -727,6 +760,26 @@ def _print_request_line(method: str, path: str, reply: _Reply) -> None:
     sys.stdout.flush()
 
 
+def _print_received(path: str, body: bytes) -> None:
+    """One line per op an accepted request carried: who, what, and its ``$message_id``
+    (never properties or traits: they may be personal)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return
+    if path == IDENTIFY_PATH:
+        lines = [f"  identify {payload.get('external_user_id')}"]
+    else:
+        events = payload.get("events", []) if path == BATCH_PATH else [payload]
+        lines = [
+            f"  event {e.get('external_user_id')} {e.get('event_type')} {_message_id(e) or '-'}"
+            for e in events
+            if isinstance(e, dict)
+        ]
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()
+
+
 def _padded(payload: bytes, padding: int) -> Iterator[bytes]:
     yield payload
     while padding > 0:
@@ -793,7 +846,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         else:
             bytes_sent = self._send(reply.status, reply)
-        app._record_bytes_sent(record, bytes_sent)
+        if record is not None:
+            app._record_bytes_sent(record, bytes_sent)
 
     do_GET = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_POST
 
@@ -876,7 +930,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m whisperr_durable.devserver",
         description="Run a local, in-memory Whisperr-compatible ingestion server. It prints "
-        "the URL it listens on, then one line per request, until Ctrl-C.",
+        "the URL it listens on, then one line per request and one per op received, until "
+        f"Ctrl-C. GET {EVENTS_VIEW_PATH} gives what it received as JSON; DELETE forgets it.",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="one line per request, none per op received"
     )
     parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     parser.add_argument("--port", type=int, default=8787, help="0 picks a free port")
@@ -946,6 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
             answer=args.answer,
             max_body_bytes=args.max_body_bytes,
             verbose=True,
+            print_events=not args.quiet,
         )
         server.start()
     except ValueError as exc:
