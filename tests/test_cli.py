@@ -8,6 +8,8 @@ that it never delivers anything: they stay queued, untouched, for the test).
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
 import re
@@ -176,6 +178,73 @@ def test_help_documents_commands_and_exit_codes(env: dict[str, str]) -> None:
     assert peek.code == 0
     assert "user data" in peek.out
     assert "exit codes:" in peek.out
+
+
+def listed_exit_codes(help_text: str) -> list[int]:
+    codes = help_text[help_text.index("exit codes:") :]
+    return [int(code) for code in re.findall(r"^  (\d)  ", codes, re.MULTILINE)]
+
+
+@pytest.mark.parametrize(
+    ("command", "codes"),
+    [
+        (["status"], [0, 1, 2, 3, 4]),
+        (["flush"], list(range(10))),
+        (["track"], [0, 1, 2, 4]),  # creates the file: never "no outbox"
+        (["identify"], [0, 1, 2, 4]),
+        (["peek"], [0, 1, 2, 3, 4]),
+        (["dead-letters", "requeue"], [0, 1, 2, 3, 4]),
+    ],
+)
+def test_each_command_lists_only_the_exit_codes_it_can_return(
+    env: dict[str, str], command: list[str], codes: list[int]
+) -> None:
+    run = cli(env, *command, "--help")
+    assert run.code == 0
+    assert listed_exit_codes(run.out) == codes
+
+
+def test_every_option_says_what_it_does_and_its_default() -> None:
+    from whisperr_durable import cli as cli_module
+    from whisperr_durable import devserver
+
+    def options(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from options(sub)
+            elif action.option_strings and action.dest not in ("help", "version"):
+                yield action
+
+    parsers = [cli_module.build_parser(), devserver.build_parser()]
+    for action in (a for p in parsers for a in options(p)):
+        assert action.help, action.option_strings
+        flag = action.nargs == 0  # --json, --quiet...: on or off
+        assert flag or "default" in action.help, (action.option_strings, action.help)
+
+
+def test_help_texts_fit_a_terminal_and_name_the_command_as_called(env: dict[str, str]) -> None:
+    for command in (["--help"], ["dev-server", "--help"], ["demo", "--help"], ["flush", "--help"]):
+        run = cli(env, *command)
+        assert run.code == 0, run
+        assert "``" not in run.out  # no reStructuredText markup
+        assert max(len(line) for line in run.out.splitlines()) <= 100
+    dev = cli(env, "dev-server", "--help")
+    assert dev.out.startswith("usage: whisperr-durable dev-server ")
+
+
+@pytest.mark.parametrize("width", [200, 100, 80, 60, 40, 24, 10])
+def test_the_progress_bar_fits_the_terminal(width: int) -> None:
+    from whisperr_durable.cli import Progress
+
+    bar = Progress(1_234_567, io.StringIO())
+    for remaining, elapsed in ((1_234_567, 0.0), (600_000, 10.0), (0, 20.0)):
+        line = bar.line(remaining, elapsed, width)
+        assert len(line) < width, line  # a line that wraps stacks up one per redraw
+        if width >= 40:  # the count first; a bar where it fits beside it
+            assert f"{1_234_567 - remaining:,}/1,234,567 delivered" in line
+        if width >= 60:
+            assert line.startswith("[")
 
 
 # ---- track and identify ----
@@ -559,7 +628,7 @@ def test_flush_shows_progress_on_a_terminal(
     assert out.startswith("delivered 2,000 ops in ")
     drawn = terminal.decode()
     assert re.search(
-        r"\[[#-]{24}\] [\d,]+/2,000 delivered, [\d,]+ events/s, [\d,]+ remaining", drawn
+        r"\[[#-]{8,24}\] [\d,]+/2,000 delivered, [\d,]+ events/s, [\d,]+ remaining", drawn
     )
     assert drawn.endswith("\r\x1b[K")  # the bar is cleared before the result is printed
     assert len(server.events) == 2000

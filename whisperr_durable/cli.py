@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import stat
 import sys
 import textwrap
@@ -69,20 +70,40 @@ EXIT_TIMEOUT = 7
 EXIT_REFUSED = 8
 EXIT_WRONG_URL = 9
 
-EXIT_CODES = """\
-exit codes:
-  0  ok
-  1  the operation failed (e.g. some dead-letter ids were not found)
-  2  usage error: bad arguments, a missing API key, an invalid event
-  3  no outbox at --path
-  4  the file is not a usable outbox: not SQLite, corrupt, locked, a newer schema,
-     a directory, or it cannot be written
-  5  the server rejected the API key (HTTP 401/403)
-  6  the server is unreachable or kept failing (retries exhausted)
-  7  flush timed out with ops still queued
-  8  flush delivered what it could, but the server refused some ops (now in the dead
-     letters) or some were lost (evicted, dropped)
-  9  the server answered 404 or 405: --base-url (or $WHISPERR_BASE_URL) is wrong"""
+_EXIT_MEANINGS = {
+    EXIT_OK: "ok",
+    EXIT_FAILED: "the operation failed (an unexpected error; for dead-letters requeue and\n"
+    "     purge, some ids were not found)",
+    EXIT_USAGE: "usage error: bad arguments, a missing API key, an invalid event",
+    EXIT_NO_OUTBOX: "no outbox at --path",
+    EXIT_BAD_OUTBOX: "the file is not a usable outbox: not SQLite, corrupt, locked, a newer "
+    "schema,\n     a directory, or it cannot be written",
+    EXIT_AUTH: "the server rejected the API key (HTTP 401/403)",
+    EXIT_UNREACHABLE: "the server is unreachable or kept failing (retries exhausted)",
+    EXIT_TIMEOUT: "flush timed out with ops still queued",
+    EXIT_REFUSED: "flush delivered what it could, but the server refused some ops (now in "
+    "the dead\n     letters) or some were lost (evicted, dropped)",
+    EXIT_WRONG_URL: "the server answered 404 or 405: --base-url (or $WHISPERR_BASE_URL) is wrong",
+}
+
+
+def exit_codes(*codes: int) -> str:
+    """The ``exit codes:`` section of a help text, for the codes a command can return."""
+    return "exit codes:\n" + "\n".join(f"  {code}  {_EXIT_MEANINGS[code]}" for code in codes)
+
+
+EXIT_CODES = exit_codes(*_EXIT_MEANINGS)
+# What each command can return, beside 0, 1 (an unexpected error) and 2 (usage).
+_FILE_CODES = (EXIT_NO_OUTBOX, EXIT_BAD_OUTBOX)
+_WRITE_CODES = (EXIT_BAD_OUTBOX,)  # track and identify create the file
+_FLUSH_CODES = (
+    *_FILE_CODES,
+    EXIT_AUTH,
+    EXIT_UNREACHABLE,
+    EXIT_TIMEOUT,
+    EXIT_REFUSED,
+    EXIT_WRONG_URL,
+)
 
 ENVIRONMENT = """\
 environment:
@@ -318,20 +339,37 @@ class Progress:
         self.out = out
         self.drawn = False
 
-    def line(self, remaining: int, elapsed: float) -> str:
+    def line(self, remaining: int, elapsed: float, width: int = 80) -> str:
+        """The bar and its figures in fewer than ``width`` columns: a narrow terminal gets a
+        shorter bar, then fewer figures (a line that wraps would stack one per redraw)."""
         total = max(self.total, 1)
         done = min(max(self.total - remaining, 0), self.total)
-        filled = int(_BAR_WIDTH * done / total)
         rate = done / elapsed if elapsed > 0 else 0.0
-        eta = f", about {format_duration(remaining / rate)} left" if rate > 0 else ""
-        bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
-        return (
-            f"[{bar}] {done:,}/{self.total:,} delivered, {rate:,.0f} events/s, "
-            f"{max(remaining, 0):,} remaining{eta}"
-        )
+        figures = [
+            f"{done:,}/{self.total:,} delivered",
+            f"{rate:,.0f} events/s",
+            f"{max(remaining, 0):,} remaining",
+        ]
+        if rate > 0:
+            figures.append(f"about {format_duration(remaining / rate)} left")
+        room = width - 1
+        while True:
+            text = ", ".join(figures)
+            bar_width = min(_BAR_WIDTH, room - len(text) - 3)
+            if bar_width >= 8 or len(figures) == 1:
+                break
+            figures.pop()
+        if bar_width < 8:
+            return text[:room]
+        filled = int(bar_width * done / total)
+        return f"[{'#' * filled}{'-' * (bar_width - filled)}] {text}"
 
     def draw(self, remaining: int, elapsed: float) -> None:
-        self.out.write("\r\x1b[K" + self.line(remaining, elapsed))
+        try:
+            width = os.get_terminal_size(self.out.fileno()).columns or 80
+        except (AttributeError, ValueError, OSError):  # not a terminal after all
+            width = shutil.get_terminal_size().columns
+        self.out.write("\r\x1b[K" + self.line(remaining, elapsed, width))
         self.out.flush()
         self.drawn = True
 
@@ -742,7 +780,7 @@ def _flush_with_progress(
 def cmd_dev_server(args: argparse.Namespace) -> int:
     from . import devserver
 
-    return devserver.main(list(args.rest))
+    return devserver.main(list(args.rest), prog=f"{PROG} dev-server")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -806,20 +844,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def subcommand(
-        group: Any, name: str, help_text: str, description: str = ""
+        group: Any, name: str, help_text: str, description: str, codes: tuple[int, ...]
     ) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = group.add_parser(
             name,
             help=help_text,
             description=_wrap(description or help_text),
             parents=[common],
-            epilog=EXIT_CODES,
+            epilog=exit_codes(EXIT_OK, EXIT_FAILED, EXIT_USAGE, *codes),
             formatter_class=formatter,
         )
         return parser
 
-    def command(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
-        return subcommand(commands, name, help_text, description)
+    def command(
+        name: str, help_text: str, description: str = "", codes: tuple[int, ...] = _FILE_CODES
+    ) -> argparse.ArgumentParser:
+        return subcommand(commands, name, help_text, description, codes)
 
     def key_option(p: argparse.ArgumentParser, text: str) -> None:
         p.add_argument("--api-key", metavar="KEY", help=f"{text} (default: $WHISPERR_API_KEY)")
@@ -843,8 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
         "flush",
         "deliver now: exit 0 when drained (for cron and systemd timers)",
         "Deliver every op this key had queued when the flush began, then exit 0. Otherwise "
-        "exit with the reason: 5 key rejected, 6 server unreachable or failing, 7 timeout. "
-        "On a terminal, a progress bar shows a long flush.",
+        "exit with the reason (see the exit codes below). On a terminal, a progress bar "
+        "shows a long flush.",
+        _FLUSH_CODES,
     )
     key_option(p, "the server key")
     p.add_argument(
@@ -880,6 +921,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Enqueue an event. Returns once it is committed to the outbox; a running sender or "
         "a later 'flush' delivers it. Prints nothing on success. Creates the file if "
         "needed.",
+        _WRITE_CODES,
     )
     p.add_argument("user", metavar="USER", help="the external user id")
     p.add_argument("event", metavar="EVENT", help="the event type, snake_case")
@@ -887,13 +929,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--prop",
         action="append",
         metavar="KEY=VALUE",
-        help="a property, its value a string (repeatable)",
+        help="a property, its value a string (repeatable; default: none)",
     )
     p.add_argument(
         "--props-json",
         metavar="JSON",
         help="properties as a JSON object, for numbers and booleans: '{\"amount_cents\": 4900}'"
-        " (--prop values are applied on top)",
+        " (--prop values are applied on top; default: none)",
     )
     key_option(p, "the server key")
     p.set_defaults(run=cmd_track)
@@ -903,16 +945,28 @@ def build_parser() -> argparse.ArgumentParser:
         "enqueue an identify; returns once it is on disk (no network needed)",
         "Enqueue an identify (traits and contact channels). Returns once it is committed to "
         "the outbox. Prints nothing on success. Creates the file if needed.",
+        _WRITE_CODES,
     )
     p.add_argument("user", metavar="USER", help="the external user id")
-    p.add_argument("--email", help="an opted-in email channel")
-    p.add_argument("--phone", help="an opted-in sms channel")
-    p.add_argument("--push-token", metavar="TOKEN", help="an opted-in push channel")
-    p.add_argument("--preferred-channel", choices=("email", "sms", "push"))
+    p.add_argument("--email", help="an opted-in email channel (default: none)")
+    p.add_argument("--phone", help="an opted-in sms channel (default: none)")
+    p.add_argument("--push-token", metavar="TOKEN", help="an opted-in push channel (default: none)")
     p.add_argument(
-        "--trait", action="append", metavar="KEY=VALUE", help="a trait, its value a string"
+        "--preferred-channel",
+        choices=("email", "sms", "push"),
+        help="the channel to reach the user on first (default: none)",
     )
-    p.add_argument("--traits-json", metavar="JSON", help="traits as a JSON object (--trait on top)")
+    p.add_argument(
+        "--trait",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a trait, its value a string (repeatable; default: none)",
+    )
+    p.add_argument(
+        "--traits-json",
+        metavar="JSON",
+        help="traits as a JSON object (--trait values on top; default: none)",
+    )
     key_option(p, "the server key")
     p.set_defaults(run=cmd_identify)
 
@@ -935,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(name: str, help_text: str, description: str = "") -> argparse.ArgumentParser:
-        return subcommand(actions, name, help_text, description)
+        return subcommand(actions, name, help_text, description, _FILE_CODES)
 
     a = action(
         "list",

@@ -138,12 +138,26 @@ def run(count: int, failure_rate: float, keep: Optional[str]) -> int:
 def main(argv: Optional[list[str]] = None, prog: str = "python -m whisperr_durable.demo") -> int:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description=__doc__,
+        description=(__doc__ or "").replace("``", "'"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--events", type=int, default=3000, help="events to track")
-    parser.add_argument("--failure-rate", type=float, default=0.3)
-    parser.add_argument("--keep", metavar="DIR", help="keep the outbox in DIR")
+    parser.add_argument(
+        "--events",
+        type=int,
+        default=3000,
+        metavar="N",
+        help="events to track (default %(default)s)",
+    )
+    parser.add_argument(
+        "--failure-rate",
+        type=float,
+        default=0.3,
+        metavar="P",
+        help="share of requests the server fails (default %(default)s)",
+    )
+    parser.add_argument(
+        "--keep", metavar="DIR", help="keep the outbox in DIR (default: a temporary directory)"
+    )
     parser.add_argument("--produce", nargs=3, metavar=("PATH", "URL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.produce:

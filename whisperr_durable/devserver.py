@@ -926,9 +926,9 @@ class _Handler(BaseHTTPRequestHandler):
 # --- command line ---
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m whisperr_durable.devserver") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m whisperr_durable.devserver",
+        prog=prog,
         description="Run a local, in-memory Whisperr-compatible ingestion server. It prints "
         "the URL it listens on, then one line per request and one per op received, until "
         f"Ctrl-C. GET {EVENTS_VIEW_PATH} gives what it received as JSON; DELETE forgets it.",
@@ -936,21 +936,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet", action="store_true", help="one line per request, none per op received"
     )
-    parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    parser.add_argument("--port", type=int, default=8787, help="0 picks a free port")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default %(default)s)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8787, help="default: %(default)s; 0 picks a free port"
+    )
     parser.add_argument(
         "--api-key", default="wrk_dev", help='key to require (default %(default)s; "" for none)'
     )
-    parser.add_argument("--latency", type=float, default=0.0, metavar="SECONDS")
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long before each answer (default %(default)g)",
+    )
     parser.add_argument(
         "--failure-rate",
         type=float,
         default=0.0,
         metavar="P",
-        help="probability of answering 503 instead of processing",
+        help="probability of answering 503 instead of processing (default %(default)g)",
     )
-    parser.add_argument("--seed", type=int, help="seed for --failure-rate")
-    parser.add_argument("--retry-after", metavar="VALUE", help="Retry-After on 429 and 503")
+    parser.add_argument(
+        "--seed", type=int, help="seed for --failure-rate (default: a different run each time)"
+    )
+    parser.add_argument(
+        "--retry-after", metavar="VALUE", help="Retry-After on 429 and 503 (default: none)"
+    )
     parser.add_argument(
         "--legacy", action="store_true", help="one bad event fails the whole batch with 400"
     )
@@ -959,34 +973,43 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="write every answer one byte at a time, this long apart",
+        help="write every answer one byte at a time, this long apart (default %(default)g: "
+        "at once)",
     )
     parser.add_argument(
         "--pad-response",
         type=int,
         default=0,
         metavar="BYTES",
-        help="follow every answer's body with this much whitespace",
+        help="follow every answer's body with this much whitespace (default %(default)s)",
     )
     parser.add_argument(
         "--answer",
         type=int,
         metavar="STATUS",
         help="answer every ingestion request with this status and store nothing "
-        "(e.g. 404, a gateway during a deploy); overrides --script and --failure-rate",
+        "(e.g. 404, a gateway during a deploy); overrides --script and --failure-rate "
+        "(default: none)",
     )
     parser.add_argument(
         "--script",
         default="",
         metavar="ITEMS",
-        help="answers for the first requests, e.g. 503,429,drop,202 (202: process normally)",
+        help="answers for the first requests, e.g. 503,429,drop,202 (202: process normally; "
+        "default: none)",
     )
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="BYTES",
+        help="answer 413 to a larger body (default %(default)s)",
+    )
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = build_parser(prog) if prog else build_parser()
     args = parser.parse_args(argv)
     try:
         server = DevServer(
