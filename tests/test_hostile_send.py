@@ -52,7 +52,7 @@ def sdk_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "whisperr_durable" and r.levelno == logging.WARNING
+        if r.name.startswith("whisperr_durable") and r.levelno == logging.WARNING
     ]
 
 

@@ -17,8 +17,7 @@ from ._billing import BillingEvent
 from ._client import BulkResult, DurableWhisperr, Whisperr
 from ._errors import WhisperrError
 from ._sender import FlushResult
-from ._store import DeadLetter, StoreError
-from ._store import Stats as OutboxStats
+from ._store import DeadLetter, OutboxStats, StoreError
 from ._version import __version__
 from ._wire import SDK_NAME
 

@@ -31,7 +31,7 @@ from ._options import (
     Options,
 )
 from ._sender import FlushResult, Sender, end_all_before_exit
-from ._store import DeadLetter, Stats, StoreError
+from ._store import DeadLetter, OutboxStats, StoreError
 from ._version import __version__
 from ._wire import (
     IDENTIFY,
@@ -51,7 +51,7 @@ from ._writer import Writer, Written
 if TYPE_CHECKING:
     import httpx
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 OnError = Callable[[WhisperrError], None]
 
@@ -409,7 +409,7 @@ class DurableWhisperr:
                 lambda exact: self._writer.pending(barrier, exact), timeout, retry=retry
             )
         except StoreError as exc:
-            log.warning("whisperr_durable: flush could not use the outbox: %s", exc)
+            log.warning("flush could not use the outbox: %s", exc)
             result = FlushResult(self._writer.held, "store")
         if barrier.error is not None and result.reason is None:
             result = result._replace(reason="store")  # the file's ops were not looked at
@@ -440,7 +440,7 @@ class DurableWhisperr:
         lost = self._writer.drop_held()
         if lost:
             message = f"{lost} op(s) that could not be stored or delivered are lost"
-            log.warning("whisperr_durable: %s", message)
+            log.warning("%s", message)
             self._emit(WhisperrError("dropped", message))
             result = result._replace(lost=result.lost + lost)
         with self._guarded() as entered:
@@ -449,16 +449,16 @@ class DurableWhisperr:
         _live_clients.discard(self)
         return result
 
-    def stats(self) -> Stats:
+    def stats(self) -> OutboxStats:
         """What is in the outbox for this key, and what became of this key's ops. Never
         raises: if the file cannot be read, ``error`` says why."""
         if self._disabled:
-            return Stats(0, 0, None, 0, 0, 0)
+            return OutboxStats(0, 0, None, 0, 0, 0)
         with self._guarded() as entered:
             if entered:
                 return self._writer.stats()
         held = self._writer.held
-        return Stats(0, 0, None, 0, 0, 0, held=held, error="called from a signal handler")
+        return OutboxStats(0, 0, None, 0, 0, 0, held=held, error="called from a signal handler")
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         """The oldest ``limit`` ops the server refused, for this client's key (raises
@@ -529,7 +529,7 @@ class DurableWhisperr:
             error = InvalidOp(f"{what + ': ' if what else ''}{describe_error(exc)}")
         if self._strict:
             raise error from (None if error is exc else exc)
-        log.warning("whisperr_durable: %s call not queued: %s", method, error)
+        log.warning("%s call not queued: %s", method, error)
         self._emit(WhisperrError("dropped", f"{method} not queued: {error}"))
 
     def _after_fork_in_child(self) -> None:
@@ -564,11 +564,12 @@ def _after_fork_in_child() -> None:
 
 
 def _enable_debug_logging() -> None:
-    log.setLevel(logging.DEBUG)
-    if not any(not isinstance(h, logging.NullHandler) for h in log.handlers):
+    package = logging.getLogger("whisperr_durable")  # every module's logger is under it
+    package.setLevel(logging.DEBUG)
+    if not any(not isinstance(h, logging.NullHandler) for h in package.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[whisperr_durable] %(levelname)s %(message)s"))
-        log.addHandler(handler)
+        handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        package.addHandler(handler)
 
 
 atexit.register(_shutdown_all)

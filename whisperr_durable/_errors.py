@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Optional
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 
 class WhisperrError:

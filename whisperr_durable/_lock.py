@@ -16,7 +16,7 @@ from typing import Any
 
 import filelock
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 _FILELOCK_MAJOR = int(filelock.__version__.split(".")[0])
 
@@ -54,7 +54,7 @@ class SenderLock:
         except (OSError, NotImplementedError) as exc:
             self._broken = True
             log.warning(
-                "whisperr_durable: cannot lock %s (%s); relying on the outbox's leases alone",
+                "cannot lock %s (%s); relying on the outbox's leases alone",
                 self.path,
                 exc,
             )

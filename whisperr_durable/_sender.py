@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from ._lock import SenderLock
     from ._transport import Outcome, Transport
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 # Sent when the server answers 400 or 413 to a batch of several events: split it to find
 # the bad ones and deliver the rest.
@@ -517,7 +517,7 @@ class Sender:
                 except StoreError as exc:
                     self._store_failed(str(exc))
                 except Exception:  # the thread must outlive any bug in one cycle
-                    log.exception("whisperr_durable: the sender hit an unexpected error")
+                    log.exception("the sender hit an unexpected error")
                 with self._cond:
                     self._progress += 1
                     self._cond.notify_all()
@@ -594,7 +594,7 @@ class Sender:
         now = time.monotonic()
         first = self._store_trouble is None
         if first or text != self._store_trouble or now >= self._store_logged_at + _LOG_QUIET:
-            log.warning("whisperr_durable: the sender cannot use the outbox: %s", text)
+            log.warning("the sender cannot use the outbox: %s", text)
             self._store_logged_at = now
         else:
             log.debug("the sender cannot use the outbox: %s", text)
@@ -610,7 +610,7 @@ class Sender:
         self._writer.store_works()
         if self._store_trouble is not None:
             self._store_trouble = None
-            log.warning("whisperr_durable: the sender can use the outbox again")
+            log.warning("the sender can use the outbox again")
 
     def _cycle(self, outbox: Outbox, deadline: Optional[float] = None) -> None:
         """Lead, if no other process does (or the one that does has stalled), and drain."""
@@ -647,7 +647,7 @@ class Sender:
         if now - self._stalled_since < self._lease_ms / 1000:
             return False
         log.warning(
-            "whisperr_durable: the process holding %s has made no progress for %.0f s; "
+            "the process holding %s has made no progress for %.0f s; "
             "delivering with the outbox's leases alone",
             self._lock.path,
             now - self._stalled_since,
@@ -710,7 +710,7 @@ class Sender:
                 )
             if claim.damaged:
                 log.warning(
-                    "whisperr_durable: %d queued row(s) of %s are damaged (not an op's wire "
+                    "%d queued row(s) of %s are damaged (not an op's wire "
                     "JSON); moved to the dead letters",
                     claim.damaged,
                     outbox.path,
@@ -778,8 +778,7 @@ class Sender:
     def _note_pruned(self, pruned: int) -> None:
         if pruned:
             log.warning(
-                "whisperr_durable: the dead letters are full (max_dead_letters=%d): removed "
-                "the %d oldest",
+                "the dead letters are full (max_dead_letters=%d): removed the %d oldest",
                 self._options.max_dead_letters,
                 pruned,
             )
@@ -793,14 +792,14 @@ class Sender:
 
     def _trouble_begins(self, cause: str) -> None:
         if self._trouble is None:
-            log.warning("whisperr_durable: %s", cause)
+            log.warning("%s", cause)
             self._trouble_since = time.monotonic()
         self._trouble = cause
 
     def _trouble_over(self) -> None:
         if self._trouble is not None:
             log.warning(
-                "whisperr_durable: delivery works again after %.0f s",
+                "delivery works again after %.0f s",
                 time.monotonic() - self._trouble_since,
             )
             self._trouble = None
@@ -906,9 +905,7 @@ class Sender:
         if not moved:  # taken over by another sender meanwhile (it reports them)
             return
         where = "moved to the dead letters" if kept else "not kept: the outbox cannot be written"
-        log.warning(
-            "whisperr_durable: the server refused %d op(s) (%s); %s", moved, outcome.detail, where
-        )
+        log.warning("the server refused %d op(s) (%s); %s", moved, outcome.detail, where)
         self._report(
             WhisperrError(
                 "dropped", f"the server refused {moved} op(s) ({outcome.detail})", outcome.status

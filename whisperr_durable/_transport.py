@@ -17,7 +17,7 @@ import httpx
 from ._retry import RETRY, RETRY_AFTER_STATUSES, classify, parse_retry_after
 from ._version import __version__
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 # Sent on every request: the CDN in front of the ingestion API refuses some library
 # default user agents, which would look like a rejected key.

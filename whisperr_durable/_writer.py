@@ -28,10 +28,10 @@ from typing import Callable, NamedTuple, Optional
 
 from ._errors import WhisperrError
 from ._options import MAX_OVERFLOW, STORE_RETRY_INTERVAL, Options
-from ._store import DeadLetter, Outbox, Stats, StoreError
+from ._store import DeadLetter, Outbox, OutboxStats, StoreError
 from ._wire import IDENTIFY
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 # (kind, body, created_ms): an op as the client encoded it.
 Op = tuple[int, str, int]
@@ -238,7 +238,7 @@ class Writer:
         self._next_store_try = time.monotonic() + STORE_RETRY_INTERVAL
         self._episode_dropped = 0
         log.warning(
-            "whisperr_durable: the outbox cannot be written (%s); holding up to %d ops in "
+            "the outbox cannot be written (%s); holding up to %d ops in "
             "memory, delivered from there while the file fails",
             error,
             MAX_OVERFLOW,
@@ -269,8 +269,7 @@ class Writer:
         now = time.monotonic()
         if now >= self._drop_quiet_until:
             log.warning(
-                "whisperr_durable: the outbox cannot be written and %d ops are held in "
-                "memory: dropped the %d oldest",
+                "the outbox cannot be written and %d ops are held in memory: dropped the %d oldest",
                 MAX_OVERFLOW,
                 self._drops_unlogged,
             )
@@ -290,7 +289,7 @@ class Writer:
             now = time.monotonic()
             if now >= self._eviction_quiet_until:
                 log.warning(
-                    "whisperr_durable: queue full (max_queue_size=%d): evicted %d oldest op(s)",
+                    "queue full (max_queue_size=%d): evicted %d oldest op(s)",
                     self._options.max_queue_size,
                     self._evicted_unlogged,
                 )
@@ -346,7 +345,7 @@ class Writer:
                         changed = str(exc) != self._failing
                         self._failing = str(exc)
                     if changed:
-                        log.warning("whisperr_durable: the outbox still fails: %s", exc)
+                        log.warning("the outbox still fails: %s", exc)
                     break
                 stored += len(batch)
                 if evicted:
@@ -375,7 +374,7 @@ class Writer:
         self._failing = None
         self._store_reported = False
         log.warning(
-            "whisperr_durable: the outbox takes writes again; stored %d held op(s)%s",
+            "the outbox takes writes again; stored %d held op(s)%s",
             stored,
             f" ({dropped} dropped while it failed)" if dropped else "",
         )
@@ -505,14 +504,14 @@ class Writer:
             self._failing = None  # a later write tries the file again
         return lost
 
-    def stats(self) -> Stats:
+    def stats(self) -> OutboxStats:
         """The outbox's stats for this key, with this process's own counts; the file's
         counts are 0 (and ``error`` says why) when it cannot be read."""
         try:
             with self._lock:
                 stats = self._outbox.stats()
         except StoreError as exc:
-            stats = Stats(0, 0, None, 0, 0, 0, error=str(exc), lost=self._outbox.lost)
+            stats = OutboxStats(0, 0, None, 0, 0, 0, error=str(exc), lost=self._outbox.lost)
         self.emit_deferred()
         return stats._replace(
             store_errors=self.store_errors,

@@ -48,7 +48,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar
 
 from ._errors import WhisperrError
 from ._options import DEFAULT_BASE_URL
-from ._store import DeadLetter, Stats, StoreError
+from ._store import DeadLetter, OutboxStats, StoreError
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -579,7 +579,7 @@ def cmd_dead_letters_purge(args: argparse.Namespace) -> int:
     return _mend(args, "purge", key)
 
 
-def _client_stats(path: str, client: DurableWhisperr) -> Stats:
+def _client_stats(path: str, client: DurableWhisperr) -> OutboxStats:
     stats = client.stats()
     if stats.error is not None:
         raise _unusable(path, StoreError(stats.error))

@@ -7,7 +7,7 @@ path), ``_errors`` (what an sqlite3 error says), ``_records`` (what the store ha
 """
 
 from ._outbox import Outbox
-from ._records import Claim, DeadLetter, KeyReport, Row, Run, Stats, StoreError, run_of
+from ._records import Claim, DeadLetter, KeyReport, OutboxStats, Row, Run, StoreError, run_of
 from ._schema import APPLICATION_ID, MIN_READER_VERSION, SCHEMA_VERSION, queue_table
 
 __all__ = [
@@ -18,9 +18,9 @@ __all__ = [
     "DeadLetter",
     "KeyReport",
     "Outbox",
+    "OutboxStats",
     "Row",
     "Run",
-    "Stats",
     "StoreError",
     "queue_table",
     "run_of",

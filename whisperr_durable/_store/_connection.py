@@ -28,7 +28,7 @@ from ._schema import (
     queue_table,
 )
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 # No commit checkpoints in the normal run of things: the sender does, after its commits and
 # when callers ask it to, outside any transaction. This bound only stops the WAL growing
@@ -235,7 +235,7 @@ class Connection:
             first = self.path not in _UNSAFE
             _UNSAFE[self.path] = message
         if first:
-            log.warning("whisperr_durable: %s", message)
+            log.warning("%s", message)
             if self._report is not None:
                 self._report("store_error", message)
 
@@ -268,7 +268,7 @@ class Connection:
                 _LOST[key] = _LOST.get(key, 0) + count
         what = "an unknown number of ops" if count is None else f"{count} op(s)"
         message = f"{self.path} {how}: {what} of this key queued in it will not be delivered"
-        log.warning("whisperr_durable: %s", message)
+        log.warning("%s", message)
         if self._report is not None:
             self._report("dropped", message)
 
@@ -356,7 +356,7 @@ class Connection:
                 aside = "another name, by another process"
             elif self._checks_out():
                 # One bad read is not a bad file: never move a file others are using well.
-                log.warning("whisperr_durable: SQLite said %r, but %s checks out", why, self.path)
+                log.warning("SQLite said %r, but %s checks out", why, self.path)
                 return
             else:
                 aside = f"{self.path}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
@@ -367,7 +367,7 @@ class Connection:
                     os.unlink(self.path + "-shm")  # an index of the WAL, rebuilt on open
                 message = f"{self.path} was not a usable outbox ({why}); moved aside to {aside}"
         if message is not None:
-            log.warning("whisperr_durable: %s", message)
+            log.warning("%s", message)
             if self._report is not None:
                 self._report("store_error", message)
         self._count_stranded(stranded, f"was found corrupt and moved aside to {aside}")
@@ -525,7 +525,7 @@ class Connection:
             try:
                 self._move_aside(str(exc), stranded)
             except OSError as move_error:  # filelock.Timeout is an OSError too
-                log.warning("whisperr_durable: could not move %s aside: %s", self.path, move_error)
+                log.warning("could not move %s aside: %s", self.path, move_error)
         elif is_sticky(exc):
             # A connection remembers some failures ("attempt to write a readonly database"
             # lasts as long as it does): the next attempt starts on a fresh one, and so do

@@ -25,9 +25,9 @@ from ._records import (
     Claim,
     DeadLetter,
     KeyReport,
+    OutboxStats,
     Row,
     Run,
-    Stats,
     dead_letter_filters,
     int_or_zero,
     run_of,
@@ -564,14 +564,14 @@ class Outbox(Connection):
         rows = self._read("SELECT name, n FROM counters WHERE key_fp = ?", (self.key_fp,))
         return {str(name): int(n) for name, n in rows}
 
-    def stats(self) -> Stats:
+    def stats(self) -> OutboxStats:
         kinds = dict(self._read(f"SELECT kind, count(*) FROM {self._table} GROUP BY kind"))
         ((oldest,),) = self._read(f"SELECT min(created_ms) FROM {self._table}")
         ((dead,),) = self._read(
             "SELECT count(*) FROM dead_letters WHERE key_fp = ?", (self.key_fp,)
         )
         counters = self.counters()
-        return Stats(
+        return OutboxStats(
             pending_tracks=int(kinds.get(TRACK, 0)),
             pending_identifies=int(kinds.get(IDENTIFY, 0)),
             oldest_created_ms=oldest,

@@ -141,7 +141,7 @@ def dead_letter_filters(
         yield (f"WHERE id IN ({marks}){key_clause}", (*chunk, *key_params))
 
 
-class Stats(NamedTuple):
+class OutboxStats(NamedTuple):
     """What the outbox holds for one key, and what became of the ops that left it.
 
     ``evicted`` (by ``max_queue_size``), ``refused`` (moved to the dead letters: refused by

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Union
 
 from .._client import DurableWhisperr
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 ResolveUser = Callable[[Any], Optional[str]]
 
@@ -177,14 +177,14 @@ class BoundWhisperr:
     ) -> None:
         user_id = self.user_id
         if user_id is None:
-            log.debug("whisperr_durable: no user on this request; track(%r) skipped", event_type)
+            log.debug("no user on this request; track(%r) skipped", event_type)
             return
         self.client.track(user_id, event_type, properties, context)
 
     def identify(self, **kwargs: Any) -> None:
         user_id = self.user_id
         if user_id is None:
-            log.debug("whisperr_durable: no user on this request; identify() skipped")
+            log.debug("no user on this request; identify() skipped")
             return
         self.client.identify(user_id, **kwargs)
 
@@ -198,7 +198,7 @@ def resolver_user_id(resolve: ResolveUser, request: Any) -> Optional[str]:
     try:
         return resolve_user_id(resolve(request))
     except Exception:
-        log.debug("whisperr_durable: resolve_user raised; no user bound", exc_info=True)
+        log.debug("resolve_user raised; no user bound", exc_info=True)
         return None
 
 
@@ -213,7 +213,7 @@ def first_user_id(
         try:
             user_id = read(lookup())
         except Exception:
-            log.debug("whisperr_durable: looking up the request's user raised", exc_info=True)
+            log.debug("looking up the request's user raised", exc_info=True)
             continue
         if user_id is not None:
             return user_id

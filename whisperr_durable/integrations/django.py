@@ -71,7 +71,7 @@ except ImportError:  # asgiref < 3.6 (Django < 4.2)
 
 __all__ = ["WhisperrMiddleware", "get_client"]
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 _client: Optional[DurableWhisperr] = None
 _client_lock = threading.Lock()
@@ -204,7 +204,7 @@ class WhisperrMiddleware:
             try:
                 user = await auser()
             except Exception:
-                log.debug("whisperr_durable: request.auser() raised; no user bound", exc_info=True)
+                log.debug("request.auser() raised; no user bound", exc_info=True)
                 return None
             return _guarded_user_id(user)
         # A resolver (or a lazy user without auser()) may touch the database: not in the loop.

@@ -48,7 +48,7 @@ from ._common import (
 
 __all__ = ["EXTENSION_KEY", "Whisperr", "WhisperrState", "current_client"]
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "whisperr_durable"
 
@@ -67,7 +67,7 @@ class WhisperrState:
             return resolver_user_id(self.resolve_user, req)
         if not has_request_context():
             log.warning(
-                "whisperr_durable: request.whisperr first used outside its request; "
+                "request.whisperr first used outside its request; "
                 "no user bound (use it in the view, or copy_current_request_context)"
             )
             return None

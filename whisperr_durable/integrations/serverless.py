@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional, TypeVar, cast
 from .._client import DurableWhisperr
 from .._sender import FlushResult
 
-log = logging.getLogger("whisperr_durable")
+log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -90,10 +90,10 @@ def _budget(timeout: float, margin: float, args: tuple[Any, ...], kwargs: dict[s
     try:
         left = float(remaining()) / 1000.0 - margin
     except Exception:
-        log.debug("whisperr_durable: get_remaining_time_in_millis() failed", exc_info=True)
+        log.debug("get_remaining_time_in_millis() failed", exc_info=True)
         return timeout
     if left <= 0:
-        log.info("whisperr_durable: no time left in the invocation; not flushing")
+        log.info("no time left in the invocation; not flushing")
     return max(0.0, min(timeout, left))
 
 
@@ -118,7 +118,7 @@ def _flush(client: DurableWhisperr, budget: float) -> None:
     try:
         result = client.flush(budget)
     except Exception:
-        log.warning("whisperr_durable: flush before return failed", exc_info=True)
+        log.warning("flush before return failed", exc_info=True)
         return
     _report(client, result)
 
@@ -128,10 +128,10 @@ async def _aflush(client: DurableWhisperr, budget: float) -> None:
         # aflush() ends within the budget; wait_for also bounds the start of its thread.
         result = await asyncio.wait_for(client.aflush(budget), budget + 0.25)
     except asyncio.TimeoutError:
-        log.info("whisperr_durable: flush before return did not start in time")
+        log.info("flush before return did not start in time")
         return
     except Exception:
-        log.warning("whisperr_durable: flush before return failed", exc_info=True)
+        log.warning("flush before return failed", exc_info=True)
         return
     _report(client, result)
 
@@ -139,8 +139,7 @@ async def _aflush(client: DurableWhisperr, budget: float) -> None:
 def _report(client: DurableWhisperr, result: FlushResult) -> None:
     if not result.ok:
         log.info(
-            "whisperr_durable: %d op(s) not delivered before return (%s); they stay in %s "
-            "for the next invocation",
+            "%d op(s) not delivered before return (%s); they stay in %s for the next invocation",
             result.pending,
             result.reason,
             client.path,
