@@ -573,6 +573,75 @@ def test_each_key_only_sends_its_own_rows(server: DevServer, make_client: MakeCl
     assert [r.headers["x-api-key"] for r in server.requests] == [OTHER_KEY, API_KEY]
 
 
+SIGTERM_CHILD = """
+import signal, sys, time
+from whisperr_durable import DurableWhisperr
+if {previous!r} == "handler":
+    def previous(signum, frame):
+        print("previous handler ran", flush=True)
+        sys.exit(3)
+    signal.signal(signal.SIGTERM, previous)
+elif {previous!r} == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+client = DurableWhisperr(
+    {key!r}, path={path!r}, base_url={url!r}, flush_at=1_000_000, flush_interval=3600.0,
+    flush_on_sigterm={opt_in!r},
+)
+for i in range({count}):
+    client.track("user_1", "sigterm_test", {{"i": i}})
+print("tracked", flush=True)
+while True:
+    time.sleep(0.05)
+    if {previous!r} == "ignore" and client.stats().pending == 0:
+        print("still running, all delivered", flush=True)
+        break
+"""
+
+
+@pytest.mark.parametrize(
+    ("opt_in", "previous", "code", "said"),
+    [
+        (True, "default", -signal.SIGTERM, ""),  # ends as SIGTERM ends it, after the flush
+        (True, "handler", 3, "previous handler ran"),  # the app's own handler still runs
+        (True, "ignore", 0, "still running, all delivered"),  # ignored: it goes on
+        (False, "default", -signal.SIGTERM, ""),  # no exit handler: nothing delivered
+    ],
+)
+def test_flush_on_sigterm_delivers_before_the_process_ends(
+    server: DevServer,
+    make_client: MakeClient,
+    db_path: str,
+    opt_in: bool,
+    previous: str,
+    code: int,
+    said: str,
+) -> None:
+    count = 50
+    script = SIGTERM_CHILD.format(
+        key=API_KEY, path=db_path, url=server.url, opt_in=opt_in, previous=previous, count=count
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=str(ROOT), text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "tracked"
+        assert server.requests == []  # flush_at and flush_interval never came
+        child.send_signal(signal.SIGTERM)
+        out, _ = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    assert child.returncode == code
+    assert out.strip() == said
+    if opt_in:
+        assert numbers(server.events) == list(range(count))
+    else:
+        assert server.events == []
+        assert make_client().stats().pending == count  # on disk, for the next process
+
+
 def test_a_sigkilled_process_loses_nothing(
     server: DevServer, make_client: MakeClient, db_path: str
 ) -> None:

@@ -1076,7 +1076,9 @@ def test_no_secret_reaches_on_error_or_the_logs(
     # The secrets did travel where they belong, so their absence below means something.
     assert server.identifies[-1]["channels"][0]["address"] == SECRET_EMAIL
     assert server.events[-1]["properties"]["card"] == SECRET_PROP
-    assert any(r.levelno == logging.DEBUG and r.name.startswith("whisperr_durable") for r in caplog.records)
+    assert any(
+        r.levelno == logging.DEBUG and r.name.startswith("whisperr_durable") for r in caplog.records
+    )
 
     secrets = (API_KEY, SECRET_PROP, SECRET_EMAIL, SECRET_PHONE)
     assert leaked([e.message for e in errors], secrets) == []

@@ -6,12 +6,14 @@ import atexit
 import hashlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 
 from ._errors import Reporter, WhisperrError
@@ -123,6 +125,7 @@ class DurableWhisperr:
         fsync: bool = False,
         sync_interval: float = DEFAULT_SYNC_INTERVAL,
         strict: bool = False,
+        flush_on_sigterm: bool = False,
     ) -> None:
         # A key read from a file often ends with a newline.
         key = (api_key or os.environ.get("WHISPERR_API_KEY", "")).strip()
@@ -181,6 +184,8 @@ class DurableWhisperr:
         # Event's) that nothing may take again: such a call takes none (see _guarded).
         self._inside: set[int] = set()
         _live_clients.add(self)
+        if flush_on_sigterm:
+            _flush_on_sigterm()
         self._deliver_what_was_left()
 
     def _deliver_what_was_left(self) -> None:
@@ -556,6 +561,45 @@ def _shutdown_all() -> None:
         except Exception:
             log.debug("shutdown at exit failed", exc_info=True)
     end_all_before_exit()
+
+
+# The SIGTERM handler this module installed (flush_on_sigterm=True), and the one it replaced.
+_sigterm: dict[str, Any] = {}
+
+
+def _flush_on_sigterm() -> None:
+    """Install, once per process, a SIGTERM handler that flushes every client within one
+    shutdown_timeout budget, then does what the handler it replaced would have done."""
+    if _sigterm:
+        return
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread of the main interpreter
+        log.warning(
+            "flush_on_sigterm needs the client made in the main thread: SIGTERM not handled"
+        )
+        return
+    _sigterm["previous"] = previous
+
+
+def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
+    clients = list(_live_clients)
+    budget = max((c._options.shutdown_timeout for c in clients if not c._disabled), default=0.0)
+    deadline = time.monotonic() + budget
+    for client in clients:
+        try:
+            # A client this signal interrupted inside one of its calls returns at once
+            # ("reentered"): what it holds stays on disk for the next process.
+            client.flush(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            log.debug("flush on SIGTERM failed", exc_info=True)
+    previous = _sigterm.get("previous")
+    if callable(previous):
+        previous(signum, frame)
+    elif previous != signal.SIG_IGN:
+        # The default action: end the process as SIGTERM does (no exit handlers run).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _after_fork_in_child() -> None:

@@ -38,6 +38,7 @@ _OPTIONS = {
     "WHISPERR_FSYNC": "fsync",
     "WHISPERR_ON_ERROR": "on_error",
     "WHISPERR_STRICT": "strict",
+    "WHISPERR_FLUSH_ON_SIGTERM": "flush_on_sigterm",
 }
 
 
