@@ -66,7 +66,9 @@ def test_whisperr_is_an_alias_of_durable_whisperr() -> None:
     assert Whisperr is DurableWhisperr
 
 
-def test_constructor_matches_the_official_sdk() -> None:
+def test_constructor_matches_the_official_sdk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     params = inspect.signature(DurableWhisperr).parameters
     official = {
         "base_url": "https://api.whisperr.net",
@@ -85,15 +87,67 @@ def test_constructor_matches_the_official_sdk() -> None:
     first = next(iter(params.values()))
     assert first.name == "api_key"
     assert first.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    for name, default in official.items():
+    for name in official:
         assert name in params, name
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
-        assert params[name].default == default, name
-        assert type(params[name].default) is type(default), name
-    # Everything beyond the official options is keyword-only with a default.
+    # Everything beyond the key is keyword-only, and None when not passed: an environment
+    # variable, else the default, decides.
     for name, param in list(params.items())[1:]:
         assert param.kind is inspect.Parameter.KEYWORD_ONLY, name
-        assert param.default is not inspect.Parameter.empty, name
+        assert param.default is None, name
+    # With no WHISPERR_ settings, the official defaults.
+    for name in [n for n in os.environ if n.startswith("WHISPERR_")]:
+        monkeypatch.delenv(name)
+    client = DurableWhisperr("wrk_test_key", path=str(tmp_path / "o.db"))
+    try:
+        options = client._options._asdict()
+        for name, default in official.items():
+            if name in options:
+                assert options[name] == default, name
+                assert type(options[name]) is type(default), name
+    finally:
+        client.shutdown(0)
+
+
+def test_options_not_passed_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, server: DevServer
+) -> None:
+    path = str(tmp_path / "from-env.db")
+    monkeypatch.setenv("WHISPERR_API_KEY", API_KEY)
+    monkeypatch.setenv("WHISPERR_DB_PATH", path)
+    monkeypatch.setenv("WHISPERR_BASE_URL", server.url)
+    monkeypatch.setenv("WHISPERR_FLUSH_AT", "3")
+    monkeypatch.setenv("WHISPERR_MAX_QUEUE_SIZE", "123")
+    monkeypatch.setenv("WHISPERR_FSYNC", "yes")
+    monkeypatch.setenv("WHISPERR_REQUEST_TIMEOUT", "2.5")
+    client = DurableWhisperr()
+    try:
+        o = client._options
+        assert (o.path, o.base_url, o.flush_at, o.max_queue_size, o.fsync) == (
+            path,
+            server.url,
+            3,
+            123,
+            True,
+        )
+        assert o.request_timeout == 2.5
+        client.track("u1", "from_env", {"i": 0})
+        assert client.flush(timeout=10).ok
+        assert numbers(server.events) == [0]
+        assert os.path.exists(path)
+    finally:
+        client.shutdown(0)
+    # An argument always wins over its variable.
+    explicit = DurableWhisperr(path=str(tmp_path / "explicit.db"), flush_at=20, fsync=False)
+    try:
+        assert (explicit._options.flush_at, explicit._options.fsync) == (20, False)
+        assert explicit._options.path == str(tmp_path / "explicit.db")
+    finally:
+        explicit.shutdown(0)
+    # A variable that is no value of its option is refused, naming the variable.
+    monkeypatch.setenv("WHISPERR_FLUSH_AT", "many")
+    with pytest.raises(ValueError, match="WHISPERR_FLUSH_AT"):
+        DurableWhisperr()
 
 
 def test_public_exports_are_pinned() -> None:
@@ -991,3 +1045,28 @@ def test_aflush_does_not_need_the_loops_default_executor(
 
     assert asyncio.run(main()).pending == 0
     assert [e["event_type"] for e in server.events] == ["awaited"]
+
+
+def test_the_readme_quickstart_runs_as_written(server: DevServer, tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Quickstart") :]
+    section = section[: section.index("\n## ", 1)]
+    snippet = section[section.index("```python\n") + len("```python\n") :]
+    snippet = snippet[: snippet.index("```")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WHISPERR_")}
+    # As the README says to try it: the local server, its key, a home of its own.
+    env.update(
+        WHISPERR_API_KEY=server.api_key or "",
+        WHISPERR_BASE_URL=server.url,
+        HOME=str(tmp_path),
+        PYTHONPATH=str(ROOT),
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", snippet], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    assert [(e["external_user_id"], e["event_type"]) for e in server.events] == [
+        ("user_8842", "payment_failed")
+    ]
+    assert [i["external_user_id"] for i in server.identifies] == ["user_8842"]
+    assert (tmp_path / ".whisperr.db").exists()

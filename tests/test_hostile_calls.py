@@ -440,7 +440,7 @@ def test_an_infinite_shutdown_timeout_is_accepted_as_no_limit(
         ("base_url", "https://api.whisperr.net/?key=1"),
         ("base_url", "https://api.whisperr.net/#top"),
         ("base_url", "https://api whisperr.net"),
-        ("base_url", None),
+        ("base_url", 42),
     ],
     ids=repr,
 )

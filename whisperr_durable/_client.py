@@ -17,21 +17,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 
 from ._errors import Reporter, WhisperrError
-from ._options import (
-    DEFAULT_BASE_URL,
-    DEFAULT_FLUSH_AT,
-    DEFAULT_FLUSH_INTERVAL,
-    DEFAULT_MAX_BATCH_SIZE,
-    DEFAULT_MAX_DEAD_LETTERS,
-    DEFAULT_MAX_QUEUE_SIZE,
-    DEFAULT_MAX_RETRIES,
-    DEFAULT_PATH,
-    DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_SHUTDOWN_TIMEOUT,
-    DEFAULT_STORE_TIMEOUT,
-    DEFAULT_SYNC_INTERVAL,
-    Options,
-)
+from ._options import SETTINGS, Options, setting
 from ._sender import FlushResult, Sender, end_all_before_exit
 from ._store import DeadLetter, OutboxStats, StoreError
 from ._version import __version__
@@ -106,27 +92,34 @@ class DurableWhisperr:
         self,
         api_key: Optional[str] = None,
         *,
-        path: str = DEFAULT_PATH,
-        base_url: str = DEFAULT_BASE_URL,
+        path: Optional[str] = None,
+        base_url: Optional[str] = None,
         app_version: Optional[str] = None,
-        flush_at: int = DEFAULT_FLUSH_AT,
-        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
-        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        max_retries: int = DEFAULT_MAX_RETRIES,
-        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
-        disabled: bool = False,
-        debug: bool = False,
+        flush_at: Optional[int] = None,
+        flush_interval: Optional[float] = None,
+        max_queue_size: Optional[int] = None,
+        max_batch_size: Optional[int] = None,
+        max_retries: Optional[int] = None,
+        request_timeout: Optional[float] = None,
+        disabled: Optional[bool] = None,
+        debug: Optional[bool] = None,
         on_error: Optional[OnError] = None,
         transport: Optional[httpx.BaseTransport] = None,
-        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT,
-        store_timeout: float = DEFAULT_STORE_TIMEOUT,
-        max_dead_letters: int = DEFAULT_MAX_DEAD_LETTERS,
-        fsync: bool = False,
-        sync_interval: float = DEFAULT_SYNC_INTERVAL,
-        strict: bool = False,
-        flush_on_sigterm: bool = False,
+        shutdown_timeout: Optional[float] = None,
+        store_timeout: Optional[float] = None,
+        max_dead_letters: Optional[int] = None,
+        fsync: Optional[bool] = None,
+        sync_interval: Optional[float] = None,
+        strict: Optional[bool] = None,
+        flush_on_sigterm: Optional[bool] = None,
     ) -> None:
+        """Options not passed (``None``) come from their ``WHISPERR_<OPTION>`` environment
+        variable (``WHISPERR_DB_PATH`` for ``path``), else from their default: see the
+        README's table. An argument always wins."""
+        given = dict(locals())
+        o = {name: setting(name, given[name]) for name in SETTINGS}
+        path, base_url, app_version = o["path"], o["base_url"], o["app_version"]
+        disabled, debug, strict = o["disabled"], o["debug"], o["strict"]
         # A key read from a file often ends with a newline.
         key = (api_key or os.environ.get("WHISPERR_API_KEY", "")).strip()
         if not key and not disabled:
@@ -145,17 +138,17 @@ class DurableWhisperr:
             path=os.path.abspath(os.path.expanduser(os.fspath(path))),
             base_url=base_url,
             app_version=app_version,
-            flush_at=flush_at,
-            flush_interval=flush_interval,
-            max_queue_size=max_queue_size,
-            max_batch_size=max_batch_size,
-            max_retries=max_retries,
-            request_timeout=request_timeout,
-            shutdown_timeout=shutdown_timeout,
-            store_timeout=store_timeout,
-            max_dead_letters=max_dead_letters,
-            fsync=bool(fsync),
-            sync_interval=sync_interval,
+            flush_at=o["flush_at"],
+            flush_interval=o["flush_interval"],
+            max_queue_size=o["max_queue_size"],
+            max_batch_size=o["max_batch_size"],
+            max_retries=o["max_retries"],
+            request_timeout=o["request_timeout"],
+            shutdown_timeout=o["shutdown_timeout"],
+            store_timeout=o["store_timeout"],
+            max_dead_letters=o["max_dead_letters"],
+            fsync=bool(o["fsync"]),
+            sync_interval=o["sync_interval"],
         ).checked()
         # Context keys added to every event, under the caller's keys.
         environment = {"sdk_name": SDK_NAME, "sdk_version": __version__}
@@ -184,7 +177,7 @@ class DurableWhisperr:
         # Event's) that nothing may take again: such a call takes none (see _guarded).
         self._inside: set[int] = set()
         _live_clients.add(self)
-        if flush_on_sigterm:
+        if o["flush_on_sigterm"]:
             _flush_on_sigterm()
         self._deliver_what_was_left()
 

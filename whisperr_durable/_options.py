@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple, Optional
 from urllib.parse import urlsplit
 
 DEFAULT_BASE_URL = "https://api.whisperr.net"
@@ -25,6 +27,64 @@ DEFAULT_MAX_DEAD_LETTERS = 1_000
 # Without fsync=True a commit reaches the disk only when something syncs the WAL: the sender
 # does at least this often while ops arrive, which bounds what a power cut can take.
 DEFAULT_SYNC_INTERVAL = 1.0
+
+# The options a setting can give, each with the variable that sets it (in the environment, or
+# in Django's settings or Flask's config) and its default. The client reads the environment
+# for any of them not passed; the integrations read their framework's settings; the command
+# line reads the same names. The key (WHISPERR_API_KEY) is read by each where it is needed.
+SETTINGS: dict[str, tuple[str, Any]] = {
+    "base_url": ("WHISPERR_BASE_URL", DEFAULT_BASE_URL),
+    "disabled": ("WHISPERR_DISABLED", False),
+    "debug": ("WHISPERR_DEBUG", False),
+    "app_version": ("WHISPERR_APP_VERSION", None),
+    "path": ("WHISPERR_DB_PATH", DEFAULT_PATH),
+    "flush_at": ("WHISPERR_FLUSH_AT", DEFAULT_FLUSH_AT),
+    "flush_interval": ("WHISPERR_FLUSH_INTERVAL", DEFAULT_FLUSH_INTERVAL),
+    "max_queue_size": ("WHISPERR_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE),
+    "max_batch_size": ("WHISPERR_MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE),
+    "max_retries": ("WHISPERR_MAX_RETRIES", DEFAULT_MAX_RETRIES),
+    "request_timeout": ("WHISPERR_REQUEST_TIMEOUT", DEFAULT_REQUEST_TIMEOUT),
+    "shutdown_timeout": ("WHISPERR_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT),
+    "store_timeout": ("WHISPERR_STORE_TIMEOUT", DEFAULT_STORE_TIMEOUT),
+    "max_dead_letters": ("WHISPERR_MAX_DEAD_LETTERS", DEFAULT_MAX_DEAD_LETTERS),
+    "fsync": ("WHISPERR_FSYNC", False),
+    "sync_interval": ("WHISPERR_SYNC_INTERVAL", DEFAULT_SYNC_INTERVAL),
+    "strict": ("WHISPERR_STRICT", False),
+    "flush_on_sigterm": ("WHISPERR_FLUSH_ON_SIGTERM", False),
+}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def from_text(option: str, text: str, source: str = "") -> Any:
+    """A setting given as text (an environment variable, say) as ``option``'s type, from
+    its default's: ``ValueError`` naming the setting if it is not one."""
+    name = source or SETTINGS[option][0]
+    default = SETTINGS[option][1]
+    value = text.strip()
+    try:
+        if isinstance(default, bool):
+            if value.lower() in _TRUE:
+                return True
+            if value.lower() in _FALSE:
+                return False
+            raise ValueError
+        if isinstance(default, (int, float)):
+            return type(default)(value)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not a valid value for {option}") from None
+    return value
+
+
+def setting(option: str, given: Any, environ: Optional[Mapping[str, str]] = None) -> Any:
+    """An option's value: ``given`` unless it is ``None``, else its environment variable,
+    else its default."""
+    if given is not None:
+        return given
+    name, default = SETTINGS[option]
+    text = (os.environ if environ is None else environ).get(name)
+    return default if text is None else from_text(option, text)
+
 
 # The server takes at most 500 events per batch.
 MAX_BATCH_SIZE = 500

@@ -47,7 +47,7 @@ from dataclasses import asdict
 from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar
 
 from ._errors import WhisperrError
-from ._options import DEFAULT_BASE_URL
+from ._options import DEFAULT_BASE_URL, DEFAULT_REQUEST_TIMEOUT, setting
 from ._store import DeadLetter, OutboxStats, StoreError
 from ._version import __version__
 
@@ -423,14 +423,12 @@ def _api_key(args: argparse.Namespace, *, required_for: Optional[str] = None) ->
 
 
 def _path(args: argparse.Namespace) -> str:
-    raw = args.path or os.environ.get("WHISPERR_DB_PATH") or "~/.whisperr.db"
+    raw = str(setting("path", args.path or None))
     return os.path.abspath(os.path.expanduser(raw))
 
 
 def _base_url(args: argparse.Namespace) -> str:
-    return (
-        getattr(args, "base_url", None) or os.environ.get("WHISPERR_BASE_URL") or DEFAULT_BASE_URL
-    )
+    return str(setting("base_url", getattr(args, "base_url", None) or None))
 
 
 # ---- the file ----
@@ -908,7 +906,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--request-timeout",
         type=float,
-        default=10.0,
+        default=DEFAULT_REQUEST_TIMEOUT,
         metavar="S",
         help="seconds for one request (default %(default)g)",
     )

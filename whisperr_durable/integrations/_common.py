@@ -10,6 +10,7 @@ from importlib import import_module
 from typing import Any, Callable, Optional, Union
 
 from .._client import DurableWhisperr
+from .._options import SETTINGS, from_text
 
 log = logging.getLogger(__name__)
 
@@ -18,28 +19,10 @@ ResolveUser = Callable[[Any], Optional[str]]
 # Where a user object keeps its id, in the order they are tried (as the Node SDK does).
 _ID_FIELDS = ("id", "pk", "sub", "user_id", "userId")
 
-# The durable options, by the settings name that sets each (``WHISPERR_<NAME>``); the
-# official SDK's own names (api key, base URL, disabled, debug, app version) come first.
-_OPTIONS = {
-    "WHISPERR_BASE_URL": "base_url",
-    "WHISPERR_DISABLED": "disabled",
-    "WHISPERR_DEBUG": "debug",
-    "WHISPERR_APP_VERSION": "app_version",
-    "WHISPERR_DB_PATH": "path",
-    "WHISPERR_FLUSH_AT": "flush_at",
-    "WHISPERR_FLUSH_INTERVAL": "flush_interval",
-    "WHISPERR_MAX_QUEUE_SIZE": "max_queue_size",
-    "WHISPERR_MAX_BATCH_SIZE": "max_batch_size",
-    "WHISPERR_MAX_RETRIES": "max_retries",
-    "WHISPERR_REQUEST_TIMEOUT": "request_timeout",
-    "WHISPERR_SHUTDOWN_TIMEOUT": "shutdown_timeout",
-    "WHISPERR_STORE_TIMEOUT": "store_timeout",
-    "WHISPERR_MAX_DEAD_LETTERS": "max_dead_letters",
-    "WHISPERR_FSYNC": "fsync",
-    "WHISPERR_ON_ERROR": "on_error",
-    "WHISPERR_STRICT": "strict",
-    "WHISPERR_FLUSH_ON_SIGTERM": "flush_on_sigterm",
-}
+# The options, by the setting that sets each (one table, in _options, for the client, the
+# command line and the integrations), and on_error, which a setting gives as a dotted path.
+_OPTIONS = {name: option for option, (name, _) in SETTINGS.items()}
+_OPTIONS["WHISPERR_ON_ERROR"] = "on_error"
 
 
 def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhisperr:
@@ -63,28 +46,9 @@ def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhis
     return DurableWhisperr(get("WHISPERR_API_KEY", None), **options)
 
 
-# What type each option takes, from the client's own defaults.
-_DEFAULTS: dict[str, Any] = {
-    name: parameter.default
-    for name, parameter in inspect.signature(DurableWhisperr).parameters.items()
-}
-
-
 def _from_text(name: str, option: str, text: str) -> Any:
     """A setting given as text (an environment variable, say) as the option's type."""
-    kind: type[Any] = type(_DEFAULTS.get(option))
-    value = text.strip()
-    try:
-        if kind is bool:
-            flag = {"1": True, "true": True, "yes": True, "on": True}.get(value.lower())
-            if flag is None and value.lower() not in ("0", "false", "no", "off", ""):
-                raise ValueError
-            return bool(flag)
-        if kind in (int, float):
-            return kind(value)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not a valid value for {option}") from None
-    return text
+    return text if option == "on_error" else from_text(option, text, name)
 
 
 def _attribute_getter(settings: Any) -> Callable[[str, Any], Any]:
