@@ -5,7 +5,8 @@
     python3 scripts/dev.py test    # ruff, mypy and the whole pytest suite
 
 Needs only Python 3.9+: the first run creates ``.venv`` and installs the package with its
-development extras; later runs reinstall only when ``pyproject.toml`` changes.
+development tools (the ``dev`` dependency group); later runs reinstall only when
+``pyproject.toml`` changes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def ensure_venv() -> None:
         print(f"+ creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
     pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-    if _run(*pip, "-e", ".[dev]") != 0:
+    # pip reads [dependency-groups] (the development tools) from 25.1 on.
+    if _run(*pip, "--upgrade", "pip>=25.1") != 0 or _run(*pip, "-e", ".", "--group", "dev") != 0:
         sys.exit("installing the project into .venv failed")
     STAMP.write_text(wanted)
 
