@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
@@ -585,3 +586,52 @@ def test_environment_strings_are_converted(
 ) -> None:
     monkeypatch.setenv(name, value)
     assert get_client().ready
+
+
+def test_the_lifespan_shutdown_delivers_what_the_app_tracked(
+    make_client: MakeClient, server: DevServer
+) -> None:
+    # flush_at and flush_interval never come: only the shutdown hook can deliver.
+    client = make_client()
+    shut_down: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        client.track("user_1", "app_shutting_down", {"i": 2})
+        shut_down.append("app")
+
+    app = Starlette(
+        routes=[Route("/", track_endpoint)],
+        middleware=[
+            Middleware(WhisperrMiddleware, client=client),
+            Middleware(AuthenticationMiddleware, backend=HeaderAuth()),
+        ],
+        lifespan=lifespan,
+    )
+    with TestClient(app) as http:
+        assert http.get("/", headers={"X-User": "alice"}).status_code == 200
+        assert server.events == []
+    # The app's own shutdown handler ran first; what it tracked went too.
+    assert shut_down == ["app"]
+    assert [(e["external_user_id"], e["event_type"]) for e in server.events] == [
+        ("alice", "page_viewed"),
+        ("user_1", "app_shutting_down"),
+    ]
+    assert client.stats().pending == 0
+
+
+def test_the_lifespan_shutdown_makes_no_client_when_none_was_used(
+    monkeypatch: pytest.MonkeyPatch, server: DevServer, db_path: str
+) -> None:
+    asgi._reset_client()
+    monkeypatch.setenv("WHISPERR_API_KEY", API_KEY)
+    monkeypatch.setenv("WHISPERR_BASE_URL", server.url)
+    monkeypatch.setenv("WHISPERR_DB_PATH", db_path)
+    app = Starlette(
+        routes=[Route("/", track_endpoint)], middleware=[Middleware(WhisperrMiddleware)]
+    )
+    with TestClient(app):
+        pass  # no request: no client
+    assert asgi._client is None
+    assert not os.path.exists(db_path)

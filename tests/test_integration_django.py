@@ -648,3 +648,56 @@ def test_request_whisperr_type(whisperr_settings: Any) -> None:
     assert isinstance(whisperr, BoundWhisperr)
     assert whisperr.client is get_client() is middleware.client
     assert whisperr.user_id is None
+
+
+def test_the_asgi_lifespan_shutdown_delivers_what_was_tracked(
+    whisperr_settings: Any, server: DevServer
+) -> None:
+    from whisperr_durable.integrations.django import asgi_application
+
+    application = asgi_application()
+    user = make_user()
+    client = AsyncClient()
+    client.force_login(user)
+
+    async def lifespan(messages: list[str]) -> list[str]:
+        incoming: asyncio.Queue[dict[str, str]] = asyncio.Queue()
+        for message in messages:
+            incoming.put_nowait({"type": message})
+        sent: list[str] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message["type"])
+
+        await application({"type": "lifespan", "asgi": {"version": "3.0"}}, incoming.get, send)
+        return sent
+
+    async def run() -> list[str]:
+        started = await lifespan(["lifespan.startup", "lifespan.shutdown"])
+        assert (await client.get("/async/")).status_code == 200
+        assert server.events == []  # flush_at and flush_interval never came
+        return started + await lifespan(["lifespan.shutdown"])
+
+    sent = asyncio.run(run())
+    assert sent == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+        "lifespan.shutdown.complete",
+    ]
+    assert [(e["event_type"], e["external_user_id"]) for e in server.events] == [
+        ("async_event", str(user.pk))
+    ]
+
+
+def test_the_middleware_checks_the_settings_at_startup_without_making_a_client(
+    whisperr_settings: Any,
+) -> None:
+    from django.test import override_settings
+
+    from whisperr_durable.integrations.django import WhisperrMiddleware
+
+    wdjango._reset_client()
+    WhisperrMiddleware(lambda request: None)
+    assert wdjango._client is None  # under gunicorn --preload: none in the master
+    with override_settings(WHISPERR_FLUSH_AT="often"), pytest.raises(ValueError, match="FLUSH_AT"):
+        WhisperrMiddleware(lambda request: None)

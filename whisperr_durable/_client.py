@@ -117,39 +117,16 @@ class DurableWhisperr:
         variable (``WHISPERR_DB_PATH`` for ``path``), else from their default: see the
         README's table. An argument always wins."""
         given = dict(locals())
-        o = {name: setting(name, given[name]) for name in SETTINGS}
-        path, base_url, app_version = o["path"], o["base_url"], o["app_version"]
-        disabled, debug, strict = o["disabled"], o["debug"], o["strict"]
-        # A key read from a file often ends with a newline.
-        key = (api_key or os.environ.get("WHISPERR_API_KEY", "")).strip()
-        if not key and not disabled:
-            raise ValueError("api_key is required (pass it or set WHISPERR_API_KEY)")
-        if not (key.isascii() and key.isprintable()):
-            raise ValueError("api_key has characters that cannot be sent in an HTTP header")
-        self._disabled = bool(disabled)
+        key, o, options = _resolve(api_key, given)
+        self._disabled = bool(o["disabled"])
         self._emit = Reporter(on_error)
-        self._strict = strict
-        if debug:
+        self._strict = o["strict"]
+        if o["debug"]:
             _enable_debug_logging()
-        if self._disabled:
+        if options is None:
             return
-        self._options = Options(
-            api_key=key,
-            path=os.path.abspath(os.path.expanduser(os.fspath(path))),
-            base_url=base_url,
-            app_version=app_version,
-            flush_at=o["flush_at"],
-            flush_interval=o["flush_interval"],
-            max_queue_size=o["max_queue_size"],
-            max_batch_size=o["max_batch_size"],
-            max_retries=o["max_retries"],
-            request_timeout=o["request_timeout"],
-            shutdown_timeout=o["shutdown_timeout"],
-            store_timeout=o["store_timeout"],
-            max_dead_letters=o["max_dead_letters"],
-            fsync=bool(o["fsync"]),
-            sync_interval=o["sync_interval"],
-        ).checked()
+        self._options = options
+        app_version = o["app_version"]
         # Context keys added to every event, under the caller's keys.
         environment = {"sdk_name": SDK_NAME, "sdk_version": __version__}
         if app_version and app_version.strip():
@@ -193,6 +170,12 @@ class DurableWhisperr:
             return
         if left and self._sender.start():
             self._sender.wake()
+
+    @property
+    def shutdown_timeout(self) -> float:
+        """Seconds ``shutdown()``, the exit handler and the integrations' shutdown hooks
+        may spend flushing."""
+        return 0.0 if self._disabled else self._options.shutdown_timeout
 
     @property
     def ready(self) -> bool:
@@ -554,6 +537,47 @@ def _shutdown_all() -> None:
         except Exception:
             log.debug("shutdown at exit failed", exc_info=True)
     end_all_before_exit()
+
+
+def _resolve(
+    api_key: Optional[str], given: dict[str, Any]
+) -> tuple[str, dict[str, Any], Optional[Options]]:
+    """The key, each setting's value (argument, else variable, else default) and the checked
+    options (``None`` for a disabled client); ``ValueError`` for what cannot work."""
+    o = {name: setting(name, given.get(name)) for name in SETTINGS}
+    # A key read from a file often ends with a newline.
+    key = (api_key or os.environ.get("WHISPERR_API_KEY", "")).strip()
+    if not key and not o["disabled"]:
+        raise ValueError("api_key is required (pass it or set WHISPERR_API_KEY)")
+    if not (key.isascii() and key.isprintable()):
+        raise ValueError("api_key has characters that cannot be sent in an HTTP header")
+    if o["disabled"]:
+        return key, o, None
+    options = Options(
+        api_key=key,
+        path=os.path.abspath(os.path.expanduser(os.fspath(o["path"]))),
+        base_url=o["base_url"],
+        app_version=o["app_version"],
+        flush_at=o["flush_at"],
+        flush_interval=o["flush_interval"],
+        max_queue_size=o["max_queue_size"],
+        max_batch_size=o["max_batch_size"],
+        max_retries=o["max_retries"],
+        request_timeout=o["request_timeout"],
+        shutdown_timeout=o["shutdown_timeout"],
+        store_timeout=o["store_timeout"],
+        max_dead_letters=o["max_dead_letters"],
+        fsync=bool(o["fsync"]),
+        sync_interval=o["sync_interval"],
+    ).checked()
+    return key, o, options
+
+
+def check_options(api_key: Optional[str] = None, **options: Any) -> None:
+    """Raise ``ValueError`` if a client with these options could not work, as the
+    constructor would, without making one (no file, no thread): for a settings check at
+    startup in a process that must not send (a server's master process, say)."""
+    _resolve(api_key, options)
 
 
 # The SIGTERM handler this module installed (flush_on_sigterm=True), and the one it replaced.

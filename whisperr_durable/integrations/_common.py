@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from importlib import import_module
 from typing import Any, Callable, Optional, Union
 
-from .._client import DurableWhisperr
+from .._client import DurableWhisperr, check_options
 from .._options import SETTINGS, from_text
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,18 @@ def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhis
     options (``WHISPERR_FLUSH_AT``, ``WHISPERR_MAX_QUEUE_SIZE``, ``WHISPERR_FSYNC``,
     ``WHISPERR_STRICT``, ...). ``WHISPERR_ON_ERROR`` is a callable or its dotted path.
     """
+    api_key, options = _settings_options(settings)
+    return DurableWhisperr(api_key, **options)
+
+
+def check_settings(settings: Union[Mapping[str, Any], Any]) -> None:
+    """``ValueError`` now for settings a client could not work with, without making one: a
+    server's master process (``gunicorn --preload``) must not own a sending client."""
+    api_key, options = _settings_options(settings)
+    check_options(api_key, **options)
+
+
+def _settings_options(settings: Union[Mapping[str, Any], Any]) -> tuple[Any, dict[str, Any]]:
     get = settings.get if isinstance(settings, Mapping) else _attribute_getter(settings)
     options: dict[str, Any] = {}
     for name, option in _OPTIONS.items():
@@ -43,7 +55,7 @@ def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhis
             options[option] = _from_text(name, option, value) if isinstance(value, str) else value
     if isinstance(options.get("on_error"), str):
         options["on_error"] = _import_callable(options["on_error"], "WHISPERR_ON_ERROR")
-    return DurableWhisperr(get("WHISPERR_API_KEY", None), **options)
+    return get("WHISPERR_API_KEY", None), options
 
 
 def _from_text(name: str, option: str, text: str) -> Any:

@@ -167,7 +167,27 @@ class WhisperrMiddleware:
         if scope["type"] in ("http", "websocket"):
             state: MutableMapping[str, Any] = scope.setdefault("state", {})
             state["whisperr"] = _bound(self.client, scope, self.resolve_user)
+        elif scope["type"] == "lifespan":
+            send = flush_at_shutdown(send, lambda: self._client or _client)
         await self.app(scope, receive, send)
+
+
+def flush_at_shutdown(send: Send, client: Callable[[], Optional[DurableWhisperr]]) -> Send:
+    """Wrap a lifespan scope's ``send``: before the app's ``lifespan.shutdown.complete``
+    goes to the server, flush ``client()`` (if one was made) within its shutdown_timeout.
+
+    Servers that end with SIGTERM (uvicorn re-raises it after its graceful shutdown) run no
+    exit handler: this is where the last ops get delivered rather than left on disk.
+    """
+
+    async def sending(message: MutableMapping[str, Any]) -> None:
+        if message.get("type") == "lifespan.shutdown.complete":
+            used = client()
+            if used is not None:
+                await used.aflush(used.shutdown_timeout)
+        await send(message)
+
+    return sending
 
 
 def whisperr_dependency(

@@ -52,6 +52,7 @@ from .._client import DurableWhisperr
 from ._common import (
     BoundWhisperr,
     ResolveUser,
+    check_settings,
     client_from_settings,
     first_user_id,
     import_resolver,
@@ -98,6 +99,39 @@ def _reset_client() -> None:
         client, _client = _client, None
     if client is not None:
         client.shutdown()
+
+
+def asgi_application(application: Optional[Any] = None) -> Any:
+    """Django's ASGI application (``get_asgi_application()`` unless given), answering the
+    ASGI lifespan itself, which Django does not: at ``lifespan.shutdown`` it flushes the
+    process-wide client (if one was made) within its shutdown_timeout. Servers that end with
+    SIGTERM after a graceful shutdown (uvicorn) run no exit handler; this is where the last
+    ops get delivered. In ``asgi.py``::
+
+        from whisperr_durable.integrations.django import asgi_application
+        application = asgi_application()
+    """
+    if application is None:
+        from django.core.asgi import get_asgi_application
+
+        application = get_asgi_application()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await application(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                client = _client
+                if client is not None:
+                    await client.aflush(client.shutdown_timeout)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    return app
 
 
 def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
@@ -170,7 +204,10 @@ class WhisperrMiddleware:
         self.resolve_user: Optional[ResolveUser] = import_resolver(
             getattr(settings, "WHISPERR_RESOLVE_USER", None)
         )
-        get_client()  # a settings mistake shows at startup, not on the first request
+        # A settings mistake shows at startup, not on the first request; the client itself
+        # is made on first use: under gunicorn --preload this runs in the master, which
+        # must not own a sending client (its exit flush would come after the workers').
+        check_settings(settings)
 
     @property
     def client(self) -> DurableWhisperr:
