@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -635,3 +636,40 @@ def test_the_lifespan_shutdown_makes_no_client_when_none_was_used(
         pass  # no request: no client
     assert asgi._client is None
     assert not os.path.exists(db_path)
+
+
+def test_an_auth_dependency_that_returns_its_user_is_warned_of_once_and_can_bind_it(
+    make_client: MakeClient,
+    server: DevServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from whisperr_durable.integrations import _common
+
+    monkeypatch.setattr(_common, "_warned_no_user", threading.Event())  # a fresh process
+    client = make_client()
+    app = FastAPI()
+    app.add_middleware(WhisperrMiddleware, client=client)
+
+    def get_current_user(request: Request) -> dict[str, str]:
+        return {"id": request.headers["x-user"]}  # returned, never put on request.state
+
+    @app.post("/plain")
+    def plain(request: Request, user: dict[str, str] = Depends(get_current_user)) -> None:  # noqa: B008
+        request.state.whisperr.track("plan_upgraded")
+
+    @app.post("/bound")
+    def bound(request: Request, user: dict[str, str] = Depends(get_current_user)) -> None:  # noqa: B008
+        request.state.whisperr.user_id = user["id"]  # as the README shows
+        request.state.whisperr.track("plan_upgraded")
+
+    with TestClient(app) as http, caplog.at_level(logging.DEBUG, logger="whisperr_durable"):
+        for _ in range(3):
+            assert http.post("/plain", headers={"X-User": "alice"}).status_code == 200
+        assert http.post("/bound", headers={"X-User": "alice"}).status_code == 200
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once per process; the other two at DEBUG
+    assert "request.whisperr.track('plan_upgraded') recorded nothing" in warnings[0].getMessage()
+    assert "user_id" in warnings[0].getMessage()
+    assert client.flush(timeout=10).ok
+    assert user_ids(server) == ["alice"]

@@ -443,7 +443,7 @@ def test_async_anonymous_session_is_not_looked_up_in_the_loop(
     assert get_client().stats().pending == 0
     raised = [r for r in caplog.records if r.exc_info]
     assert raised == [], [r.exc_info[1] for r in raised if r.exc_info]
-    skipped = [r for r in caplog.records if "skipped" in r.getMessage()]
+    skipped = [r for r in caplog.records if "recorded nothing" in r.getMessage()]
     assert len(skipped) == 3  # each track() said why it did nothing
 
 
@@ -701,3 +701,20 @@ def test_the_middleware_checks_the_settings_at_startup_without_making_a_client(
     assert wdjango._client is None  # under gunicorn --preload: none in the master
     with override_settings(WHISPERR_FLUSH_AT="often"), pytest.raises(ValueError, match="FLUSH_AT"):
         WhisperrMiddleware(lambda request: None)
+
+
+def test_a_leftover_import_of_the_official_sdk_is_said_once(
+    whisperr_settings: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    import whisperr.django  # noqa: F401  (what code that was not migrated still imports)
+
+    assert "whisperr.django" in sys.modules
+    monkeypatch.setattr(wdjango, "_official_noticed", threading.Event())  # a fresh process
+    with caplog.at_level(logging.WARNING, logger="whisperr_durable"):
+        get_client()
+        get_client()
+    said = [r.getMessage() for r in caplog.records if "official SDK" in r.getMessage()]
+    assert len(said) == 1
+    assert "whisperr_durable.integrations.django" in said[0]

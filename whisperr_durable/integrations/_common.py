@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import uuid
 from collections.abc import Mapping
 from importlib import import_module
@@ -120,7 +121,9 @@ class BoundWhisperr:
     With ``lookup``, the user is looked up on first use, and again on each call while none
     is found (so a view can track right after its login); a user found is kept for the rest
     of the request. Setting ``user_id`` (an id, or a user object) binds that user outright;
-    setting ``None`` looks again. Without a user, both calls do nothing and say so at DEBUG.
+    setting ``None`` looks again. Without a user, both calls do nothing: the first time in
+    the process at WARNING (an auth dependency that returns its user instead of setting
+    ``request.state.user`` looks just like this), then at DEBUG.
     """
 
     __slots__ = ("_lookup", "_user_id", "client")
@@ -154,20 +157,37 @@ class BoundWhisperr:
     ) -> None:
         user_id = self.user_id
         if user_id is None:
-            log.debug("no user on this request; track(%r) skipped", event_type)
+            _no_user(f"track({event_type!r})")
             return
         self.client.track(user_id, event_type, properties, context)
 
     def identify(self, **kwargs: Any) -> None:
         user_id = self.user_id
         if user_id is None:
-            log.debug("no user on this request; identify() skipped")
+            _no_user("identify()")
             return
         self.client.identify(user_id, **kwargs)
 
     def __repr__(self) -> str:
         found = self._user_id
         return f"BoundWhisperr(user_id={'unresolved' if found is None else repr(found)})"
+
+
+_warned_no_user = threading.Event()
+
+
+def _no_user(call: str) -> None:
+    if _warned_no_user.is_set():
+        log.debug("no user on this request; %s recorded nothing", call)
+        return
+    _warned_no_user.set()
+    log.warning(
+        "no user on this request, so request.whisperr.%s recorded nothing (said once per "
+        "process). Anonymous requests record nothing. If your authentication returns its user "
+        "(a FastAPI dependency, say) instead of setting request.user or request.state.user, "
+        "bind it: request.state.whisperr.user_id = user.id, or resolve_user=...",
+        call,
+    )
 
 
 def resolver_user_id(resolve: ResolveUser, request: Any) -> Optional[str]:

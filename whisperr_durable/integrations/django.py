@@ -4,7 +4,7 @@ A drop-in for the official ``whisperr.django``: change the dotted path and keep 
 settings::
 
     WHISPERR_API_KEY = os.environ["WHISPERR_API_KEY"]
-    WHISPERR_DB_PATH = BASE_DIR / "whisperr.db"      # the outbox file (default ~/.whisperr.db)
+    WHISPERR_DB_PATH = "/var/lib/myapp/whisperr.db"  # a state directory (default ~/.whisperr.db)
     MIDDLEWARE = [
         # ... after your authentication middleware ...
         "whisperr_durable.integrations.django.WhisperrMiddleware",
@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 import threading
 from typing import Any, Callable, Optional
 
@@ -81,6 +82,8 @@ _client_lock = threading.Lock()
 def get_client() -> DurableWhisperr:
     """The process-wide client, built from Django's settings on first use (thread-safe)."""
     global _client
+    if not _official_noticed.is_set() and "whisperr.django" in sys.modules:
+        _notice_the_official_sdk()
     client = _client
     if client is None:
         with _client_lock:
@@ -88,6 +91,21 @@ def get_client() -> DurableWhisperr:
                 _client = client_from_settings(settings)
             client = _client
     return client
+
+
+_official_noticed = threading.Event()
+
+
+def _notice_the_official_sdk() -> None:
+    """Say once that the official SDK's Django module is loaded too: code that still imports
+    its ``get_client`` sends through the official client, whose queue is in memory."""
+    _official_noticed.set()
+    log.warning(
+        "whisperr.django (the official SDK) is imported in this process too: code that calls "
+        "its get_client() sends through the official client, whose queue lives in memory. "
+        "Import get_client from whisperr_durable.integrations.django everywhere (signals, "
+        "management commands, tasks), not only in MIDDLEWARE"
+    )
 
 
 def _reset_client() -> None:
