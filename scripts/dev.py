@@ -3,6 +3,7 @@
 
     python3 scripts/dev.py demo    # the end-to-end demo (temp outbox + local server)
     python3 scripts/dev.py test    # ruff, mypy and the whole pytest suite
+    python3 scripts/dev.py test --quick   # the same without the slow (multi-process) tests
 
 Needs only Python 3.9+: the first run creates ``.venv`` and installs the package with its
 development tools (the ``dev`` dependency group); later runs reinstall only when
@@ -58,6 +59,8 @@ def main(argv: list[str]) -> int:
     ):
         if _run(*step) != 0:
             return 1
+    if "--quick" in rest:  # the inner loop: no tests marked slow
+        rest = [arg for arg in rest if arg != "--quick"] + ["-m", "not slow"]
     return _run(str(PY), "-m", "pytest", *rest)
 
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import chaos
+import pytest
 from chaos import (
     FAULT_404,
     FAULT_DAMAGED_ROW,
@@ -21,6 +22,8 @@ from chaos import (
     SABOTAGE_TWICE,
     ChaosConfig,
 )
+
+pytestmark = pytest.mark.slow  # processes killed at random: dev.py test --quick leaves it out
 
 
 def test_no_returned_op_is_lost_when_processes_are_killed_at_random(tmp_path: Path) -> None:

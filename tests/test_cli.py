@@ -32,6 +32,8 @@ from whisperr_durable._store import SCHEMA_VERSION, Outbox
 from whisperr_durable._wire import utc_now_ms
 from whisperr_durable.devserver import DevServer
 
+pytestmark = pytest.mark.slow  # subprocesses: dev.py test --quick leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 OTHER_KEY = "wrk_other_key"
 

@@ -28,6 +28,8 @@ from whisperr_durable import DurableWhisperr
 from whisperr_durable.devserver import DevServer
 from whisperr_durable.integrations.serverless import flush_before_return
 
+pytestmark = pytest.mark.slow  # subprocesses: dev.py test --quick leaves them out
+
 # ---- Celery: a real worker, prefork pool, filesystem broker (no server to run) ----
 
 # The module a worker imports (-A tasks); it reads its settings from config.json beside it.

@@ -24,6 +24,8 @@ from powercut import Child, Line, PowerCut, build_shim, power_cut
 
 from whisperr_durable import DurableWhisperr, OutboxFile, StoreError
 
+pytestmark = pytest.mark.slow  # subprocesses: dev.py test --quick leaves them out
+
 API_KEY = "wrk_powercut_key"
 SYNC_INTERVAL = 1.0
 # What the sync thread may take beyond sync_interval (its own fsync, scheduling, a loaded

@@ -42,7 +42,10 @@ from whisperr_durable.devserver import BATCH_PATH, DevServer
 
 fcntl = pytest.importorskip("fcntl")  # POSIX only: flock, fork and SIGKILL
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
+    pytest.mark.slow,  # real processes: dev.py test --quick leaves them out
+]
 
 HELPERS = Path(__file__).resolve().with_name("proc_helpers.py")
 ROOT = HELPERS.parent.parent
