@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
 
 import pytest
-from conftest import API_KEY, MakeClient
+from conftest import API_KEY, MakeClient, as_unprivileged, run_forked
 
 from whisperr_durable.devserver import DevServer
 from whisperr_durable.integrations import BoundWhisperr, client_from_settings, resolve_user_id
@@ -234,3 +236,31 @@ def test_settings_given_as_text_take_the_options_types(tmp_path: Any) -> None:
     assert client_from_settings({"WHISPERR_DISABLED": "yes"}).ready is False
     with pytest.raises(ValueError, match="WHISPERR_FLUSH_AT"):
         client_from_settings({"WHISPERR_API_KEY": API_KEY, "WHISPERR_FLUSH_AT": "many"})
+
+
+def test_an_outbox_path_this_process_cannot_write_fails_at_startup_naming_who_owns_it(
+    world_readable_dir: Path,
+) -> None:
+    # The app runs as another user than the one who made its state directory (a root cron
+    # job made it, say): 0755, not writable for the app.
+    path = world_readable_dir / "o.db"
+    if os.geteuid() != 0:
+        os.chmod(world_readable_dir, 0o555)
+    settings = {"WHISPERR_API_KEY": "wrk_test_key", "WHISPERR_DB_PATH": str(path)}
+
+    def child() -> int:
+        if os.access(world_readable_dir, os.W_OK):
+            return 3  # cannot set up: this user writes the directory
+        try:
+            client_from_settings(settings)
+        except ValueError as exc:
+            message = str(exc)
+            named = str(path) in message and "runs as" in message and "belongs to" in message
+            return 0 if named else 2
+        return 1
+
+    code = run_forked(as_unprivileged(child))
+    if code == 3:
+        pytest.skip("could not make the directory read-only for this process")
+    assert code == 0, {1: "no error at startup", 2: "the error names no path or owner"}[code]
+    assert not path.exists()  # nothing made

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 from ._errors import Reporter, WhisperrError
 from ._options import SETTINGS, Options, setting
 from ._sender import FlushResult, Sender, end_all_before_exit
-from ._store import DeadLetter, OutboxStats, StoreError
+from ._store import DeadLetter, OutboxStats, StoreError, check_usable
 from ._version import __version__
 from ._wire import (
     IDENTIFY,
@@ -575,9 +575,15 @@ def _resolve(
 
 def check_options(api_key: Optional[str] = None, **options: Any) -> None:
     """Raise ``ValueError`` if a client with these options could not work, as the
-    constructor would, without making one (no file, no thread): for a settings check at
-    startup in a process that must not send (a server's master process, say)."""
-    _resolve(api_key, options)
+    constructor would, or could not make or write its outbox file, without making one (no
+    file, no thread): for a check at startup, also in a process that must not send (a
+    server's master process, say)."""
+    _, _, checked = _resolve(api_key, options)
+    if checked is not None:
+        try:
+            check_usable(checked.path)
+        except StoreError as exc:
+            raise ValueError(f"the outbox file (path, WHISPERR_DB_PATH): {exc}") from None
 
 
 # The SIGTERM handler this module installed (flush_on_sigterm=True), and the one it replaced.

@@ -7,6 +7,7 @@ path), ``_errors`` (what an sqlite3 error says), ``_records`` (what the store ha
 """
 
 from ._outbox import Outbox
+from ._paths import check_usable
 from ._records import Claim, DeadLetter, KeyReport, OutboxStats, Row, Run, StoreError, run_of
 from ._schema import APPLICATION_ID, MIN_READER_VERSION, SCHEMA_VERSION, queue_table
 
@@ -22,6 +23,7 @@ __all__ = [
     "Row",
     "Run",
     "StoreError",
+    "check_usable",
     "queue_table",
     "run_of",
 ]

@@ -36,6 +36,22 @@ def access_note(path: str) -> str:
         return f"{me}; {name} belongs to {user_name(st.st_uid)}, mode {mode:04o}"
 
 
+def check_usable(path: str) -> None:
+    """``StoreError`` now, naming the path, this process's user and the owner, if this
+    process could not make or write the outbox at ``path``: for a check at startup, without
+    creating anything."""
+    if os.path.lexists(path):
+        check_ours(path)
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise StoreError(f"{path} cannot be written: {access_note(path)}")
+        return
+    parent = os.path.dirname(path)
+    while parent and not os.path.isdir(parent) and parent != os.path.dirname(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent or ".", os.W_OK | os.X_OK):
+        raise StoreError(f"{path} cannot be made: {access_note(path)}")
+
+
 def sidecars(path: str) -> tuple[str, str]:
     return path + "-wal", path + "-shm"
 

@@ -35,8 +35,11 @@ def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhis
     as in the official SDK; ``WHISPERR_DB_PATH`` and ``WHISPERR_<OPTION>`` for the durable
     options (``WHISPERR_FLUSH_AT``, ``WHISPERR_MAX_QUEUE_SIZE``, ``WHISPERR_FSYNC``,
     ``WHISPERR_STRICT``, ...). ``WHISPERR_ON_ERROR`` is a callable or its dotted path.
+    ``ValueError`` for a setting that cannot work, or an outbox path this process cannot
+    make or write (naming the path, this process's user and the owner).
     """
     api_key, options = _settings_options(settings)
+    check_options(api_key, **options)  # an outbox path this process cannot write: say so now
     return DurableWhisperr(api_key, **options)
 
 
