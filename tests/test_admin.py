@@ -8,7 +8,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import API_KEY, MakeClient, closed_port_url, raw, set_lease
+from conftest import API_KEY, MakeClient, closed_port_url, queue_table, raw, set_lease, wait_until
 
 from whisperr_durable import DurableWhisperr, OutboxFile, StoreError
 from whisperr_durable._client import key_fingerprint
@@ -187,3 +187,57 @@ def test_a_later_schema_that_keeps_this_sdk_as_a_reader_is_used(
     raw(db_path, "UPDATE meta SET value = ? WHERE name = 'min_reader_version'", (99,))
     with pytest.raises(StoreError, match="schema 99 or later"):
         OutboxFile(db_path).status()
+
+
+# ---- space: what a drain frees ----
+
+
+def file_bytes(path: str) -> int:
+    return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+
+
+def test_a_drain_that_empties_the_queue_gives_the_space_back(
+    make_client: MakeClient, server: DevServer, db_path: str
+) -> None:
+    client = make_client(max_queue_size=100_000)
+    client.track_many(("u1", "bulk_event", {"i": i, "pad": "x" * 200}) for i in range(20_000))
+    with OutboxFile(db_path) as outbox:
+        full = outbox.status()
+    assert full.file_bytes > 5_000_000
+    assert client.flush(timeout=60).ok
+    # The sender gives the freed pages back once its drain finds the queue empty.
+
+    def reclaimed() -> bool:
+        with OutboxFile(db_path) as outbox:
+            return outbox.status().reclaimable_bytes == 0
+
+    assert wait_until(reclaimed)
+    assert wait_until(lambda: file_bytes(db_path) < full.file_bytes / 10)  # the WAL too
+    assert len(server.events) == 20_000
+
+
+def test_compact_gives_back_what_an_older_file_kept_and_keeps_every_queued_op(
+    make_client: MakeClient, db_path: str
+) -> None:
+    client = make_client(max_queue_size=100_000)
+    client.track_many(("u1", "bulk_event", {"i": i, "pad": "x" * 200}) for i in range(20_000))
+    client.shutdown(timeout=0)
+    # A file whose free pages stay in it (no incremental auto-vacuum), its queue mostly gone.
+    with sqlite3.connect(db_path, isolation_level=None) as conn:
+        conn.execute("PRAGMA auto_vacuum = NONE")
+        conn.execute("VACUUM")
+        conn.execute(
+            f"DELETE FROM {queue_table()} WHERE json_extract(body, '$.properties.i') >= 10"
+        )
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    with OutboxFile(db_path) as outbox:
+        before = outbox.status()
+        assert before.reclaimable_bytes > 3_000_000
+        sizes = outbox.compact()
+        after = outbox.status()
+    assert sizes[0] >= before.file_bytes - 4096 and sizes[1] < sizes[0] / 10
+    assert after.reclaimable_bytes == 0 and after.file_bytes == sizes[1]
+    assert [k.pending for k in after.keys] == [10]
+    assert raw(db_path, "PRAGMA auto_vacuum") == [(2,)]  # later drains give pages back
+    survivor = make_client()
+    assert survivor.stats().pending == 10

@@ -28,7 +28,7 @@ import pytest
 from conftest import API_KEY
 
 from whisperr_durable._client import key_fingerprint
-from whisperr_durable._store import SCHEMA_VERSION, Outbox
+from whisperr_durable._store import SCHEMA_VERSION, Outbox, queue_table
 from whisperr_durable._wire import utc_now_ms
 from whisperr_durable.devserver import DevServer
 
@@ -904,3 +904,20 @@ def test_a_base_url_that_is_no_url_is_a_usage_error_at_once(
     assert_one_line_error(run, 2, "base_url 'not-a-url'", "http or https")
     assert time.monotonic() - started < 10  # not a retry loop against a URL that cannot work
     assert key_status(status_json(env, db_path), API_KEY)["pending"] == 1  # still queued
+
+
+def test_compact_gives_the_space_back_and_status_shows_what_is_reclaimable(
+    env: dict[str, str], db_path: str
+) -> None:
+    fill(env, db_path, bulk=5000)
+    with sqlite3.connect(db_path, isolation_level=None) as conn:  # delivered, elsewhere
+        conn.execute(f"DELETE FROM {queue_table(key_fingerprint(API_KEY))}")
+    status = cli(env, "status", "--path", db_path)
+    assert status.code == 0 and "reclaimable" in status.out
+    assert status_json(env, db_path)["reclaimable_bytes"] > 500_000
+    run = cli(env, "compact", "--path", db_path)
+    assert run.code == 0, run
+    assert run.out.startswith(f"compacted {db_path}: ")
+    assert status_json(env, db_path)["reclaimable_bytes"] == 0
+    missing = cli(env, "compact", "--path", db_path + ".nope")
+    assert_one_line_error(missing, 3, "no outbox")

@@ -45,6 +45,7 @@ class OutboxStatus:
     file_bytes: int  # the database file and its WAL
     schema_version: int
     keys: list[KeyStatus]
+    reclaimable_bytes: int = 0  # free pages in the file: what compact() gives back
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,14 @@ class OutboxFile:
             file_bytes=size,
             schema_version=self._outbox.schema_version(),
             keys=[self._key_status(report) for report in reports],
+            reclaimable_bytes=self._outbox.reclaimable(),
         )
+
+    def compact(self) -> tuple[int, int]:
+        """Give the file's free space back to the file system (``VACUUM``) and empty its
+        WAL; the file's size before and after, in bytes. Safe while other processes use the
+        file, which wait (up to their ``store_timeout``) while it runs."""
+        return self._outbox.compact()
 
     def _key_status(self, r: KeyReport) -> KeyStatus:
         owner_pid = None

@@ -65,6 +65,9 @@ _CHECKPOINT_EVERY_BATCHES = 8
 # producer would otherwise get a request every few ops (and share its GIL with them).
 _LINGER_BELOW = 500
 _LINGER = 0.02
+# The most free pages one drain gives back to the file system when it empties the queue
+# (16 MB of 4 KiB pages; the rest at the next drain, or with compact()).
+_RECLAIM_PAGES = 4096
 # How often a bulk write that waits for room looks at the queue again (progress wakes it
 # sooner).
 _ROOM_POLL = 0.01
@@ -726,6 +729,11 @@ class Sender:
             if run is None:
                 if claim.expired or claim.damaged:
                     continue  # more may be behind them
+                if batches:  # this drain emptied the queue: give the freed space back
+                    try:
+                        outbox.reclaim(_RECLAIM_PAGES)
+                    except StoreError:  # a busy file, say: the next drain tries again
+                        log.debug("could not reclaim free pages", exc_info=True)
                 return
             batch = _FileBatch(outbox, self._owner, self._lease_ms, run)
             outcome = self._deliver(batch, run, deadline)

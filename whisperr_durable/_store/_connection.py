@@ -38,6 +38,8 @@ _AUTOCHECKPOINT_PAGES = 10_000
 # the WAL file keeps the size that takes: cutting it back would be paid by the next commit.
 _RESTART_WAL_FRAMES = 4_000
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# Fewer free pages than this are left for the next ops rather than given back.
+_RECLAIM_AT_LEAST = 256
 
 # A busy file is tried again after this, then after twice as long each time up to the
 # last: another connection's write usually ends within a millisecond, and the caller
@@ -295,6 +297,10 @@ class Connection:
             writable = os.access(self.path, os.W_OK)
             for name in sidecars(self.path):  # made by SQLite on that first read, if missing
                 check_ours(name, writable=writable)
+            if created:
+                # Free pages can go back to the file system (reclaim(), compact()): a file
+                # takes this only while it is new, before its journal mode is set.
+                self._retry_busy(lambda: conn.execute("PRAGMA auto_vacuum = INCREMENTAL"))
             self._retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
             conn.execute(f"PRAGMA synchronous={'FULL' if self._fsync else 'NORMAL'}")
             conn.execute(f"PRAGMA wal_autocheckpoint={_AUTOCHECKPOINT_PAGES}")
@@ -572,6 +578,49 @@ class Connection:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def reclaimable(self) -> int:
+        """Bytes of the file that hold nothing (free pages): what ``reclaim()`` and
+        ``compact()`` give back."""
+        ((free,),) = self._read("PRAGMA freelist_count")
+        ((size,),) = self._read("PRAGMA page_size")
+        return int(free) * int(size)
+
+    def reclaim(self, max_pages: int) -> None:
+        """After a drain: give at most ``max_pages`` free pages back to the file system (a
+        file made with incremental auto-vacuum; others wait for ``compact()``), and cut the
+        WAL back to nothing. Short: writes of a few milliseconds, under the write lock like
+        any other."""
+        ((mode,),) = self._read("PRAGMA auto_vacuum")
+        ((free,),) = self._read("PRAGMA freelist_count")
+        if mode != 2 or free < _RECLAIM_AT_LEAST:  # INCREMENTAL, and worth a write
+            return
+        with self._guard, self._sqlite_errors():
+            conn = self._connection(same_file=True)
+            # As a script: execute() steps a statement with no result columns once, and
+            # each step of this one frees one page.
+            vacuum = f"PRAGMA incremental_vacuum({int(max_pages)});"
+            self._retry_busy(lambda: conn.executescript(vacuum))
+        self.checkpoint(truncate=True)  # and the WAL back to nothing
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the whole file without its free pages (``VACUUM``, which also makes it one
+        whose later drains give pages back), and empty the WAL: the file's size before and
+        after, in bytes. Writers wait while it runs."""
+        before = self._file_bytes()
+        with self._guard, self._sqlite_errors():
+            conn = self._connection(same_file=True)
+            self._retry_busy(lambda: conn.execute("PRAGMA auto_vacuum = INCREMENTAL"))
+            self._retry_busy(lambda: conn.execute("VACUUM"))
+        self.checkpoint(truncate=True)
+        return before, self._file_bytes()
+
+    def _file_bytes(self) -> int:
+        return sum(
+            os.path.getsize(name)
+            for name in (self.path, self.path + "-wal")
+            if os.path.exists(name)
+        )
 
     def checkpoint(self, *, truncate: bool = False) -> None:
         """Copy the WAL back into the database file, while writers go on.
