@@ -437,7 +437,7 @@ class DurableWhisperr:
             return OutboxStats(0, 0, None, 0, 0, 0)
         with self._guarded() as entered:
             if entered:
-                return self._writer.stats()
+                return self._writer.stats()._replace(delivered=self._sender.delivered)
         held = self._writer.held
         return OutboxStats(0, 0, None, 0, 0, 0, held=held, error="called from a signal handler")
 

@@ -267,6 +267,7 @@ class Sender:
         self._failed = 0  # requests that failed and may be retried, in all
         self._fresh_attempt = False  # a flush asked for one: no backoff, a new retry budget
         self._refusals = 0  # refused requests in a row
+        self.delivered = 0  # ops delivered (2xx) by this process, in all
         self._not_before = 0.0
         self._retry_pending = False  # a send is due at _not_before
         self._retry_after_until = 0.0
@@ -875,6 +876,7 @@ class Sender:
             self._noted.append(None if outcome.kind == _retry.OK else outcome.detail)
             if outcome.kind == _retry.OK:
                 batch.ack(first, last)
+                self.delivered += part.ops
                 self._refusals = 0
                 self._trouble_over()
                 log.debug("delivered %d op(s)", len(part))

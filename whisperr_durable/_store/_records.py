@@ -148,9 +148,9 @@ class OutboxStats(NamedTuple):
     the server, expired or damaged) and ``dead_letters_pruned`` (removed by
     ``max_dead_letters``) are totals kept in the file, for every process. ``store_errors``
     (failed writes), ``held`` (ops waiting in memory while the file cannot be written) and
-    ``lost`` (ops dropped from memory, or left in a file replaced under the process) are this
-    process's own. ``error`` says why the file could not be read; the file's counts are then
-    0.
+    ``lost`` (ops dropped from memory, or left in a file replaced under the process) and
+    ``delivered`` are this process's own. ``error`` says why the file could not be read; the
+    file's counts are then 0.
     """
 
     pending_tracks: int
@@ -165,6 +165,7 @@ class OutboxStats(NamedTuple):
     held: int = 0
     lost: int = 0
     error: Optional[str] = None
+    delivered: int = 0  # ops this process's sender delivered (2xx)
 
     @property
     def pending(self) -> int:
