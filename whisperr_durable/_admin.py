@@ -86,14 +86,9 @@ class OutboxFile:
 
     def status(self) -> OutboxStatus:
         reports = self._outbox.key_reports(self._key_fp, utc_now_ms())
-        size = sum(
-            os.path.getsize(name)
-            for name in (self.path, self.path + "-wal")
-            if os.path.exists(name)
-        )
         return OutboxStatus(
             path=self.path,
-            file_bytes=size,
+            file_bytes=self._outbox.file_bytes(),
             schema_version=self._outbox.schema_version(),
             keys=[self._key_status(report) for report in reports],
             reclaimable_bytes=self._outbox.reclaimable(),

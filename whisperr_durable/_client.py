@@ -523,19 +523,24 @@ Whisperr = DurableWhisperr
 _live_clients: weakref.WeakSet[DurableWhisperr] = weakref.WeakSet()
 
 
-def _shutdown_all() -> None:
-    # One budget for all clients, not one each: exit takes at most the longest
-    # shutdown_timeout (plus a moment to stop each thread).
+def _each_within_one_budget(act: Callable[[DurableWhisperr, float], object], what: str) -> None:
+    """``act(client, seconds left)`` for every live client, within one budget for all, not
+    one each: the longest shutdown_timeout."""
     clients = list(_live_clients)
-    budget = max((c._options.shutdown_timeout for c in clients), default=0.0)
-    deadline = time.monotonic() + budget
+    deadline = time.monotonic() + max((c.shutdown_timeout for c in clients), default=0.0)
     for client in clients:
         try:
-            client.shutdown(
-                max(0.0, min(client._options.shutdown_timeout, deadline - time.monotonic()))
-            )
+            act(client, max(0.0, deadline - time.monotonic()))
         except Exception:
-            log.debug("shutdown at exit failed", exc_info=True)
+            log.debug("%s failed", what, exc_info=True)
+
+
+def _shutdown_all() -> None:
+    # Exit takes at most the longest shutdown_timeout (plus a moment to stop each thread).
+    _each_within_one_budget(
+        lambda client, left: client.shutdown(min(client.shutdown_timeout, left)),
+        "shutdown at exit",
+    )
     end_all_before_exit()
 
 
@@ -553,22 +558,11 @@ def _resolve(
         raise ValueError("api_key has characters that cannot be sent in an HTTP header")
     if o["disabled"]:
         return key, o, None
+    # Every field but the key is a setting; the path is made absolute.
+    fields = {name: o[name] for name in Options._fields if name in o}
+    path = os.path.abspath(os.path.expanduser(os.fspath(o["path"])))
     options = Options(
-        api_key=key,
-        path=os.path.abspath(os.path.expanduser(os.fspath(o["path"]))),
-        base_url=o["base_url"],
-        app_version=o["app_version"],
-        flush_at=o["flush_at"],
-        flush_interval=o["flush_interval"],
-        max_queue_size=o["max_queue_size"],
-        max_batch_size=o["max_batch_size"],
-        max_retries=o["max_retries"],
-        request_timeout=o["request_timeout"],
-        shutdown_timeout=o["shutdown_timeout"],
-        store_timeout=o["store_timeout"],
-        max_dead_letters=o["max_dead_letters"],
-        fsync=bool(o["fsync"]),
-        sync_interval=o["sync_interval"],
+        **{**fields, "api_key": key, "path": path, "fsync": bool(o["fsync"])}
     ).checked()
     return key, o, options
 
@@ -606,16 +600,9 @@ def _flush_on_sigterm() -> None:
 
 
 def _on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
-    clients = list(_live_clients)
-    budget = max((c._options.shutdown_timeout for c in clients if not c._disabled), default=0.0)
-    deadline = time.monotonic() + budget
-    for client in clients:
-        try:
-            # A client this signal interrupted inside one of its calls returns at once
-            # ("reentered"): what it holds stays on disk for the next process.
-            client.flush(max(0.0, deadline - time.monotonic()))
-        except Exception:
-            log.debug("flush on SIGTERM failed", exc_info=True)
+    # A client this signal interrupted inside one of its calls returns at once
+    # ("reentered"): what it holds stays on disk for the next process.
+    _each_within_one_budget(lambda client, left: client.flush(left), "flush on SIGTERM")
     previous = _sigterm.get("previous")
     if callable(previous):
         previous(signum, frame)

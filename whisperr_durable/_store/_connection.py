@@ -607,15 +607,16 @@ class Connection:
         """Rewrite the whole file without its free pages (``VACUUM``, which also makes it one
         whose later drains give pages back), and empty the WAL: the file's size before and
         after, in bytes. Writers wait while it runs."""
-        before = self._file_bytes()
+        before = self.file_bytes()
         with self._guard, self._sqlite_errors():
             conn = self._connection(same_file=True)
             self._retry_busy(lambda: conn.execute("PRAGMA auto_vacuum = INCREMENTAL"))
             self._retry_busy(lambda: conn.execute("VACUUM"))
         self.checkpoint(truncate=True)
-        return before, self._file_bytes()
+        return before, self.file_bytes()
 
-    def _file_bytes(self) -> int:
+    def file_bytes(self) -> int:
+        """The size of the file and its WAL, in bytes."""
         return sum(
             os.path.getsize(name)
             for name in (self.path, self.path + "-wal")
