@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import sqlite3
@@ -1046,11 +1047,106 @@ def test_stats(outbox: Outbox) -> None:
     put(outbox, 4, created_ms=NOW - 10, kind=IDENTIFY)
     s = outbox.stats()
     assert (s.pending_tracks, s.pending_identifies, s.pending) == (2, 2, 4)
-    assert s.oldest_created_ms == NOW - 50
+    assert s.oldest_created_ms == NOW + 5  # the head's: the next op to be sent
     assert held(outbox) == [i]
     assert outbox.dead_letter(i, i, "owner-a", 400, "bad", NOW) == (1, 0)
     s = outbox.stats()
     assert (s.pending_tracks, s.pending_identifies, s.dead_letters) == (2, 1, 1)
+    assert s.oldest_created_ms == NOW
+
+
+def queued_kinds(path: str) -> tuple[int, int]:
+    """``(tracks, identifies)`` queued for KEY, counted row by row."""
+    kinds = dict(raw(path, f"SELECT kind, count(*) FROM {queue_table(KEY)} GROUP BY kind"))
+    return kinds.get(TRACK, 0), kinds.get(IDENTIFY, 0)
+
+
+def gaps_through(path: str) -> Optional[int]:
+    rows = raw(path, "SELECT through_id FROM gaps WHERE key_fp = ?", (KEY,))
+    return rows[0][0] if rows else None
+
+
+def assert_stats_exact(ob: Outbox) -> None:
+    s = ob.stats()
+    assert (s.pending_tracks, s.pending_identifies) == queued_kinds(ob.path)
+    head = raw(ob.path, f"SELECT created_ms FROM {queue_table(KEY)} ORDER BY id LIMIT 1")
+    assert s.oldest_created_ms == (head[0][0] if head else None)
+
+
+def test_stats_count_exactly_across_the_gaps_a_queue_can_have(outbox: Outbox) -> None:
+    # stats() counts the rows after the gaps' end from two ids: every way a row can leave
+    # the middle of the queue must be recorded, and an empty queue forgets it.
+    now = utc_now_ms()
+    for n in range(6):
+        outbox.append(TRACK, body(n), now + n, 6)
+    assert ids(claim(outbox, now_ms=now, max_rows=2)) == [1, 2]  # in flight
+    # A full queue evicts the oldest op not in flight, 3, leaving a gap behind 1 and 2.
+    for n in range(6, 9):
+        outbox.append(TRACK, body(n), now, 6)
+    assert sorted(raw_ops(outbox.path)) == [1, 2, 4, 5, 6, 7, 8, 9]
+    assert gaps_through(outbox.path) == 3
+    assert_stats_exact(outbox)
+    outbox.release(1, 2, "owner-a", failed=True)  # the gap outlives the lease
+    assert (outbox.stats().pending, outbox.span()) == (8, 9)
+    assert_stats_exact(outbox)
+
+    # A row refused out of the middle of a run, the others given back.
+    c = claim(outbox, now_ms=now, max_rows=4)
+    assert ids(c) == [1, 2, 4, 5]
+    assert outbox.dead_letter(4, 4, "owner-a", 400, "bad", now) == (1, 0)
+    outbox.release(1, 5, "owner-a", failed=True)
+    assert gaps_through(outbox.path) == 4
+    assert_stats_exact(outbox)
+
+    # Delivered from the head: no new gap; identifies counted by kind.
+    outbox.append(IDENTIFY, body(9), now, 100)
+    assert outbox.ack(1, 2, "owner-a") == 0  # not ours any more: nothing leaves
+    c = claim(outbox, now_ms=now, max_rows=2)
+    assert ids(c) == [1, 2] and outbox.ack(1, 2, "owner-a") == 2
+    assert gaps_through(outbox.path) == 4
+    assert_stats_exact(outbox)
+    assert outbox.stats().pending_identifies == 1
+
+    # Put back at the end, then everything delivered: the gaps go with the last row.
+    assert outbox.requeue(None, KEY) == 1
+    assert_stats_exact(outbox)
+    while (c := claim(outbox, now_ms=now)).run:
+        outbox.ack(c.run.first, c.run.last, "owner-a")
+    assert outbox.stats().pending == 0
+    assert gaps_through(outbox.path) is None
+    # The ids start again at 1, below where the gaps ended, and are counted as such.
+    for n in range(3):
+        put(outbox, n, kind=IDENTIFY if n == 1 else TRACK)
+    assert sorted(raw_ops(outbox.path)) == [1, 2, 3]
+    assert_stats_exact(outbox)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_stats_count_exactly_whatever_leaves_the_queue(outbox: Outbox, seed: int) -> None:
+    rng = random.Random(seed)
+    now = utc_now_ms()
+    for _ in range(150):
+        step = rng.random()
+        if step < 0.45:
+            kind = IDENTIFY if rng.random() < 0.2 else TRACK
+            outbox.append(kind, body(0), now, rng.choice((5, 8, 40)))
+        elif step < 0.55:
+            outbox.requeue(None, KEY)
+        else:
+            run = ids(claim(outbox, now_ms=now, max_rows=rng.randint(1, 6)))
+            for _ in range(rng.randint(0, 4)):  # appends beside a batch in flight
+                outbox.append(TRACK, body(1), now, rng.choice((3, 5, 8)))
+            assert_stats_exact(outbox)
+            if run:
+                # Any part of the run delivered, any one op of it refused, the rest back.
+                a, b = sorted(rng.sample(run, 2)) if len(run) > 1 else (run[0], run[0])
+                if rng.random() < 0.7:
+                    outbox.ack(a, b, "owner-a")
+                if rng.random() < 0.5:
+                    bad = rng.choice(run)
+                    outbox.dead_letter(bad, bad, "owner-a", 400, "bad", now)
+                outbox.release(run[0], run[-1], "owner-a", failed=False)
+        assert_stats_exact(outbox)
 
 
 def test_dead_letters_oldest_first_with_limit(outbox: Outbox) -> None:

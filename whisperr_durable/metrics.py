@@ -8,8 +8,8 @@ Observable instruments, read from ``client.stats()`` when the SDK collects (noth
 measured between collections, and nothing at all if this module is never imported):
 
 - ``whisperr_durable.queue.depth`` (gauge, ``{op}``): ops queued in the outbox for the key.
-- ``whisperr_durable.queue.oldest_age`` (gauge, ``s``): how long ago the oldest queued op
-  was made (0 with an empty queue).
+- ``whisperr_durable.queue.oldest_age`` (gauge, ``s``): how long ago the op at the head of
+  the queue, the next to be sent, was made (0 with an empty queue).
 - ``whisperr_durable.dead_letters`` (gauge, ``{op}``): dead letters kept for the key.
 - ``whisperr_durable.delivered`` (counter, ``{op}``): ops this process delivered (2xx).
 - ``whisperr_durable.refused``, ``whisperr_durable.evicted`` (counters, ``{op}``): ops the
@@ -70,7 +70,7 @@ def instrument(client: DurableWhisperr, *, meter_provider: Optional[Any] = None)
 
     gauges = (
         ("queue.depth", "{op}", "ops queued in the outbox for the key", lambda s: s.pending),
-        ("queue.oldest_age", "s", "age of the oldest queued op", oldest_age),
+        ("queue.oldest_age", "s", "age of the op at the head of the queue", oldest_age),
         ("dead_letters", "{op}", "dead letters kept for the key", lambda s: s.dead_letters),
         ("held", "{op}", "ops held in memory while the file fails", lambda s: s.held),
     )

@@ -21,10 +21,10 @@ from ._paths import access_note, check_ours, prepare_path, sidecars, sync_direct
 from ._records import StoreError
 from ._schema import (
     APPLICATION_ID,
-    CREATE_QUEUE,
     MIN_READER_VERSION,
     SCHEMA,
     SCHEMA_VERSION,
+    queue_schema,
     queue_table,
 )
 
@@ -307,7 +307,8 @@ class Connection:
             # A WAL file that grew during a burst is cut back to this after a checkpoint.
             conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             self._version = self._create(conn, version)
-            self._retry_busy(lambda: conn.execute(CREATE_QUEUE.format(table=self._table)))
+            queue = queue_schema(self.key_fp)
+            self._retry_busy(lambda: [conn.execute(statement) for statement in queue])
             if created:
                 # The schema reaches the disk now, not at some later checkpoint: a power cut
                 # must not leave a file that no longer reads as an outbox.

@@ -34,7 +34,7 @@ from ._records import (
     sound,
     text_of,
 )
-from ._schema import CREATE_QUEUE, QUEUE_PREFIX, queue_table
+from ._schema import QUEUE_PREFIX, queue_schema, queue_table
 
 # The most rows one append evicts; a bulk append of more rows evicts as many as it added.
 _EVICT_PER_CALL = 1_000
@@ -178,6 +178,18 @@ class Outbox(Connection):
             f"FROM {self._table} ORDER BY id LIMIT ?))"
         )
         self._lease_sql = "SELECT owner, first_id, last_id, until_ms FROM leases WHERE key_fp = ?"
+        # What stats() reads: the rows up to the end of the queue's gaps (counted), the
+        # first id after it and the newest id, the identifies (their own index), the head
+        # row's creation time and the key's dead letters.
+        self._stats_sql = (
+            f"SELECT (SELECT count(*) FROM {self._table} WHERE id <= g.through), "
+            f"(SELECT min(id) FROM {self._table} WHERE id > g.through), "
+            f"(SELECT max(id) FROM {self._table}), "
+            f"(SELECT count(*) FROM {self._table} WHERE kind = {IDENTIFY}), "
+            f"(SELECT created_ms FROM {self._table} ORDER BY id LIMIT 1), "
+            "(SELECT count(*) FROM dead_letters WHERE key_fp = ?) "
+            "FROM (SELECT coalesce(max(through_id), 0) AS through FROM gaps WHERE key_fp = ?) AS g"
+        )
         # A lower bound on the oldest id of the queue, for as long as it is trusted: an
         # append whose id is within max_queue_size of it cannot need to evict.
         self._oldest_seen = 0
@@ -266,7 +278,7 @@ class Outbox(Connection):
         self._evict_hint = (held, top)
         if evicted:
             self._bump(conn, "evicted", evicted)
-            (oldest,) = conn.execute(f"SELECT min(id) FROM {self._table}").fetchone()
+            oldest = self._deleted_through(conn, top)
             self._see_oldest(oldest, newest)
         return evicted
 
@@ -282,6 +294,21 @@ class Outbox(Connection):
     def _lease_row(self, conn: sqlite3.Connection) -> _Lease:
         rows = conn.execute(self._lease_sql, (self.key_fp,)).fetchall()
         return _Lease(*rows[0]) if rows else _NO_LEASE
+
+    def _deleted_through(self, conn: sqlite3.Connection, through: int) -> Optional[int]:
+        """Rows with ids up to ``through`` have just left the queue: where an older row
+        stayed, the queue may now have a gap at or below ``through`` (see ``gaps``).
+        Returns the queue's oldest id (None: empty)."""
+        (oldest,) = conn.execute(f"SELECT min(id) FROM {self._table}").fetchone()
+        if oldest is None:
+            conn.execute("DELETE FROM gaps WHERE key_fp = ?", (self.key_fp,))
+        elif oldest < through:
+            conn.execute(
+                "INSERT INTO gaps (key_fp, through_id) VALUES (?, ?) ON CONFLICT (key_fp) "
+                "DO UPDATE SET through_id = max(through_id, excluded.through_id)",
+                (self.key_fp, through),
+            )
+        return None if oldest is None else int(oldest)
 
     def _bump(self, conn: sqlite3.Connection, name: str, by: int) -> None:
         conn.execute(
@@ -428,6 +455,8 @@ class Outbox(Connection):
         with self._write(same_file=True) as conn:
             where, params = self._ours(first_id, last_id, owner)
             deleted = conn.execute(f"DELETE FROM {self._table} {where}", params).rowcount
+            if deleted:
+                self._deleted_through(conn, last_id)
             self._end_lease(conn, owner)
             return int(deleted)
 
@@ -497,6 +526,8 @@ class Outbox(Connection):
             (self.key_fp, now_ms, status, reason, *rows),
         )
         moved = conn.execute(f"DELETE FROM {self._table} {where}", rows).rowcount
+        if moved:
+            self._deleted_through(conn, last_id)
         if owner is not None:
             self._end_lease(conn, owner)
         if not moved:
@@ -565,15 +596,18 @@ class Outbox(Connection):
         return {str(name): int(n) for name, n in rows}
 
     def stats(self) -> OutboxStats:
-        kinds = dict(self._read(f"SELECT kind, count(*) FROM {self._table} GROUP BY kind"))
-        ((oldest,),) = self._read(f"SELECT min(created_ms) FROM {self._table}")
-        ((dead,),) = self._read(
-            "SELECT count(*) FROM dead_letters WHERE key_fp = ?", (self.key_fp,)
+        """This key's counts, at about the cost of a few index lookups on any backlog: one
+        read, so one snapshot of the file."""
+        ((gapped, first_after, last, identifies, oldest, dead),) = self._read(
+            self._stats_sql, (self.key_fp, self.key_fp)
         )
+        # Rows up to the gaps' end are counted one by one (a few, in practice: a leased
+        # run); after it, ids run without a gap to the newest.
+        pending = gapped + (last - first_after + 1 if first_after is not None else 0)
         counters = self.counters()
         return OutboxStats(
-            pending_tracks=int(kinds.get(TRACK, 0)),
-            pending_identifies=int(kinds.get(IDENTIFY, 0)),
+            pending_tracks=pending - identifies,
+            pending_identifies=identifies,
             oldest_created_ms=oldest,
             dead_letters=int(dead),
             evicted=counters.get("evicted", 0),
@@ -693,8 +727,9 @@ class Outbox(Connection):
                     f"SELECT DISTINCT key_fp FROM dead_letters {where}", params
                 ).fetchall()
                 for (fp,) in keys:
+                    for statement in queue_schema(fp):
+                        conn.execute(statement)
                     table = queue_table(fp)
-                    conn.execute(CREATE_QUEUE.format(table=table))
                     conn.execute(
                         f"INSERT INTO {table} (kind, body, created_ms) SELECT kind, body, "
                         f"created_ms FROM dead_letters {where} AND key_fp = ? ORDER BY id",

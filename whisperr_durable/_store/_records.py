@@ -144,6 +144,10 @@ def dead_letter_filters(
 class OutboxStats(NamedTuple):
     """What the outbox holds for one key, and what became of the ops that left it.
 
+    ``oldest_created_ms``: when the op at the head of the queue, the next to be sent, was
+    made (the oldest queued, unless dead letters were put back at the end of the queue or
+    the processes that wrote it had different clocks).
+
     ``evicted`` (by ``max_queue_size``), ``refused`` (moved to the dead letters: refused by
     the server, expired or damaged) and ``dead_letters_pruned`` (removed by
     ``max_dead_letters``) are totals kept in the file, for every process. ``store_errors``
