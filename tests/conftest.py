@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 import pytest
 
@@ -112,12 +112,45 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def closed_port_url() -> str:
-    """A URL nothing listens on: every request to it fails at once."""
+def free_port() -> int:
+    """A port nothing listens on at the moment."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        port: int = sock.getsockname()[1]
+    return port
+
+
+class LineLog:
+    """Collects a child's text stream line by line; lets a test wait for a given line."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 20.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(
+                lambda: any(text in line for line in self._lines), timeout
+            )
+
+    def text(self, timeout: float = 10.0) -> str:
+        """Everything, once the stream has ended (or ``timeout`` passed)."""
+        self._thread.join(timeout)
+        with self._changed:
+            return "".join(self._lines)
+
+
+def closed_port_url() -> str:
+    """A URL nothing listens on: every request to it fails at once."""
+    return f"http://127.0.0.1:{free_port()}"
 
 
 @pytest.fixture

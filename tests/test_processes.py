@@ -14,7 +14,6 @@ import json
 import os
 import queue
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,11 +24,20 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import httpx
 import pytest
-from conftest import API_KEY, MakeClient, child_env, closed_port_url, leased_ids, queue_table
+from conftest import (
+    API_KEY,
+    LineLog,
+    MakeClient,
+    child_env,
+    closed_port_url,
+    free_port,
+    leased_ids,
+    queue_table,
+)
 
 from whisperr_durable import DurableWhisperr, WhisperrError
 from whisperr_durable._client import key_fingerprint
@@ -665,41 +673,6 @@ def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-class LineLog:
-    """Collects a child's text stream line by line; lets a test wait for a given line."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._lines: list[str] = []
-        self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, stream: IO[str]) -> None:
-        for line in stream:
-            with self._changed:
-                self._lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float = 20.0) -> bool:
-        with self._changed:
-            return self._changed.wait_for(
-                lambda: any(text in line for line in self._lines), timeout
-            )
-
-    def text(self, timeout: float = 10.0) -> str:
-        """Everything, once the stream has ended (or ``timeout`` passed)."""
-        self._thread.join(timeout)
-        with self._changed:
-            return "".join(self._lines)
 
 
 def test_gunicorn_preload_workers_deliver_every_event_once(
