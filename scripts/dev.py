@@ -7,7 +7,9 @@
 
 Needs only Python 3.9+: the first run creates ``.venv`` and installs the package with its
 development tools (the ``dev`` dependency group); later runs reinstall only when
-``pyproject.toml`` changes.
+``pyproject.toml`` changes. ``test`` runs the PostgreSQL store's tests against a throwaway
+server of its own where this machine has PostgreSQL (``scripts/postgres.py``), or against
+``$WHISPERR_TEST_POSTGRES`` (a URL) if set; without either, they are skipped.
 """
 
 from __future__ import annotations
@@ -61,7 +63,19 @@ def main(argv: list[str]) -> int:
             return 1
     if "--quick" in rest:  # the inner loop: no tests marked slow
         rest = [arg for arg in rest if arg != "--quick"] + ["-m", "not slow"]
-    return _run(str(PY), "-m", "pytest", *rest)
+    if os.environ.get("WHISPERR_TEST_POSTGRES"):  # a server of your own
+        return _run(str(PY), "-m", "pytest", *rest)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from postgres import throwaway_server
+
+    with throwaway_server() as server:
+        if server is None:
+            print("+ no PostgreSQL on this machine: its tests will be skipped", flush=True)
+        else:
+            print(f"+ a throwaway PostgreSQL for the tests at {server.url}", flush=True)
+            os.environ["WHISPERR_TEST_POSTGRES"] = server.url
+            os.environ["WHISPERR_TEST_POSTGRES_CTL"] = server.describe()
+        return _run(str(PY), "-m", "pytest", *rest)
 
 
 if __name__ == "__main__":

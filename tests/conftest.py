@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -224,6 +225,49 @@ def run_forked(fn: Callable[[], int], timeout: float = 20.0) -> int:
         reaper.join(10)
         pytest.fail("the forked child did not finish")
     return os.waitstatus_to_exitcode(statuses[0])
+
+
+def postgres_server_url() -> str:
+    """The PostgreSQL server the tests may use (``WHISPERR_TEST_POSTGRES``, which
+    ``scripts/dev.py test`` sets to a throwaway server of its own). Skips without one, and
+    fails instead where CI requires the PostgreSQL tests to run
+    (``WHISPERR_REQUIRE_POSTGRES``)."""
+    url = os.environ.get("WHISPERR_TEST_POSTGRES")
+    why = ""
+    if not url:
+        why = (
+            "no PostgreSQL server for the tests: run them with scripts/dev.py test on a "
+            "machine with PostgreSQL, or set WHISPERR_TEST_POSTGRES to a server's URL"
+        )
+    else:
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            why = "psycopg is not installed (the postgres extra)"
+    if why:
+        if os.environ.get("WHISPERR_REQUIRE_POSTGRES"):
+            pytest.fail(f"the PostgreSQL tests must run here: {why}")
+        pytest.skip(why)
+    assert url is not None
+    return url
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh database of its own for the test, on the tests' PostgreSQL server, dropped
+    after it (with any connection a test left open)."""
+    import psycopg
+
+    server_url = postgres_server_url()
+    name = f"whisperr_test_{os.getpid()}_{next(_databases)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield server_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+_databases = itertools.count()
 
 
 def load_spec(name: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from whisperr_durable import (
     __version__,
     _retry,
 )
+from whisperr_durable._store import Outbox
 from whisperr_durable._wire import utc_now_ms
 from whisperr_durable.devserver import DevServer
 
@@ -976,7 +977,9 @@ def test_calls_from_several_threads_share_one_transaction(
     client.track("u0", "warm_up")
     statements: list[str] = []
     writer = client._writer
-    writer._outbox._connection().set_trace_callback(statements.append)
+    outbox = writer._outbox
+    assert isinstance(outbox, Outbox)
+    outbox._connection().set_trace_callback(statements.append)
     threads = [
         threading.Thread(target=client.track, args=(f"u{n}", "grouped", {"n": n}))
         for n in range(1, 6)

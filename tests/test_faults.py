@@ -107,7 +107,9 @@ def moved_aside(db_path: str) -> list[Path]:
 
 def cap_writer_pages(client: DurableWhisperr) -> sqlite3.Connection:
     """Make the client's own writer connection unable to grow the file (SQLITE_FULL)."""
-    conn = client._writer._outbox._connection()
+    outbox = client._writer._outbox
+    assert isinstance(outbox, Outbox)
+    conn = outbox._connection()
     (pages,) = conn.execute("PRAGMA page_count").fetchone()
     (limit,) = conn.execute(f"PRAGMA max_page_count={int(pages)}").fetchone()
     assert limit == pages

@@ -392,7 +392,7 @@ def test_rq_work_horses_without_a_flush_leave_their_events_for_the_workers_flush
 
 # ---- importing the package loads no framework ----
 
-FRAMEWORKS = ("django", "flask", "flask_login", "starlette", "fastapi", "celery")
+FRAMEWORKS = ("django", "flask", "flask_login", "starlette", "fastapi", "celery", "psycopg")
 
 
 def test_importing_the_package_and_the_serverless_module_loads_no_framework() -> None:

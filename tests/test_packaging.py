@@ -44,7 +44,7 @@ def test_the_wheel_and_the_sdist_carry_the_license_and_the_sdist_runs_its_tests(
     assert "Programming Language :: Python :: 3.9" in text
     # The development tools are a dependency group, not an extra people could install.
     assert "Provides-Extra: dev" not in text
-    for extra in ("django", "flask", "fastapi", "starlette"):
+    for extra in ("django", "flask", "fastapi", "starlette", "otel", "postgres"):
         assert f"Provides-Extra: {extra}" in text
     assert not any(n.startswith("tests/") for n in names)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import importlib.util
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 from ._errors import Reporter, WhisperrError
 from ._options import SETTINGS, Options, setting
 from ._sender import FlushResult, Sender, end_all_before_exit
-from ._store import DeadLetter, OutboxStats, StoreError, check_usable
+from ._store import DeadLetter, OutboxStats, StoreError, check_usable, is_database_url
 from ._version import __version__
 from ._wire import (
     IDENTIFY,
@@ -136,14 +137,14 @@ class DurableWhisperr:
         self._writer = Writer(self._options, fingerprint, self._emit)
         # httpx and filelock are imported here, not with the package: a process that only
         # imports whisperr_durable does not pay for them.
-        from ._lock import SenderLock, lock_path
+        from ._lock import sender_lock
         from ._transport import Transport
 
         self._sender = Sender(
             self._options,
             fingerprint,
             Transport(self._options.base_url, key, transport),
-            SenderLock(lock_path(self._options.path, fingerprint)),
+            sender_lock(self._options.path, fingerprint, self._options.store_timeout),
             self._writer,
             self._emit,
         )
@@ -161,7 +162,7 @@ class DurableWhisperr:
     def _deliver_what_was_left(self) -> None:
         # The next process that opens the file delivers what earlier ones left, even if it
         # never tracks anything itself.
-        if not os.path.exists(self._options.path):
+        if not self._store_exists():
             return
         try:
             left = self._writer.has_pending()
@@ -176,6 +177,11 @@ class DurableWhisperr:
         """Seconds ``shutdown()``, the exit handler and the integrations' shutdown hooks
         may spend flushing."""
         return 0.0 if self._disabled else self._options.shutdown_timeout
+
+    def _store_exists(self) -> bool:
+        """Whether the outbox may hold ops already: its file exists, or it is a database."""
+        path = self._options.path
+        return is_database_url(path) or os.path.exists(path)
 
     @property
     def ready(self) -> bool:
@@ -374,7 +380,7 @@ class DurableWhisperr:
         return await done
 
     def _flush(self, timeout: Optional[float], *, retry: bool) -> FlushResult:
-        if self._disabled or not (self._writer.used or os.path.exists(self._options.path)):
+        if self._disabled or not (self._writer.used or self._store_exists()):
             return FlushResult()  # nothing was ever stored: do not create the file for this
         with self._guarded() as entered:
             if not entered:
@@ -560,11 +566,23 @@ def _resolve(
         return key, o, None
     # Every field but the key is a setting; the path is made absolute.
     fields = {name: o[name] for name in Options._fields if name in o}
-    path = os.path.abspath(os.path.expanduser(os.fspath(o["path"])))
+    path = os.fspath(o["path"])
+    if is_database_url(path):
+        _check_database_driver()
+    else:
+        path = os.path.abspath(os.path.expanduser(path))
     options = Options(
         **{**fields, "api_key": key, "path": path, "fsync": bool(o["fsync"])}
     ).checked()
     return key, o, options
+
+
+def _check_database_driver() -> None:
+    if importlib.util.find_spec("psycopg") is None:
+        raise ValueError(
+            "path is a PostgreSQL URL, which needs psycopg 3: "
+            'pip install "whisperr-durable[postgres]"'
+        )
 
 
 def check_options(api_key: Optional[str] = None, **options: Any) -> None:
@@ -573,7 +591,7 @@ def check_options(api_key: Optional[str] = None, **options: Any) -> None:
     file, no thread): for a check at startup, also in a process that must not send (a
     server's master process, say)."""
     _, _, checked = _resolve(api_key, options)
-    if checked is not None:
+    if checked is not None and not is_database_url(checked.path):
         try:
             check_usable(checked.path)
         except StoreError as exc:

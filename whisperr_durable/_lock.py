@@ -1,4 +1,5 @@
-"""Sender leadership: at most one process at a time sends one key's ops from one outbox file.
+"""Sender leadership: at most one process at a time sends one key's ops from one outbox file
+(a PostgreSQL outbox has its own lock, in the database: see ``sender_lock``).
 
 A ``filelock`` lock file beside the outbox, held for one delivery cycle. On POSIX it is an
 ``flock``, which the kernel releases when its holder dies, so the process that takes the
@@ -23,6 +24,18 @@ _FILELOCK_MAJOR = int(filelock.__version__.split(".")[0])
 
 def lock_path(db_path: str, key_fp: str) -> str:
     return f"{db_path}.sender-{key_fp}.lock"
+
+
+def sender_lock(path: str, key_fp: str, store_timeout: float) -> Any:
+    """The leadership lock of one key's queue: a lock file beside an outbox file, or an
+    advisory lock in a PostgreSQL outbox (``_postgres.PgSenderLock``)."""
+    from ._store import is_database_url
+
+    if is_database_url(path):
+        from ._store._postgres import PgSenderLock
+
+        return PgSenderLock(path, key_fp, store_timeout)
+    return SenderLock(lock_path(path, key_fp))
 
 
 def _new_lock(path: str) -> filelock.BaseFileLock:

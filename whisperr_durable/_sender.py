@@ -34,7 +34,7 @@ from ._options import (
     Options,
     wait_seconds,
 )
-from ._store import Outbox, Row, Run, StoreError, run_of
+from ._store import Row, Run, Store, StoreError, open_store, run_of
 from ._wire import IDENTIFY, batch_body, utc_now_ms
 from ._writer import Op, Writer
 
@@ -115,7 +115,7 @@ class FlushResult(NamedTuple):
 class _FileBatch:
     """Rows claimed from the outbox under our lease."""
 
-    def __init__(self, outbox: Outbox, owner: str, lease_ms: int, run: Run) -> None:
+    def __init__(self, outbox: Store, owner: str, lease_ms: int, run: Run) -> None:
         self._outbox, self._owner, self._lease_ms = outbox, owner, lease_ms
         self._last = run.last
 
@@ -481,8 +481,8 @@ class Sender:
 
     # ---- the thread ----
 
-    def _open_outbox(self) -> Outbox:
-        return Outbox(
+    def _open_outbox(self) -> Store:
+        return open_store(
             self._options.path,
             self._key_fp,
             fsync=self._options.fsync,
@@ -547,7 +547,7 @@ class Sender:
             wait = min(wait, _POLL_WHILE_WAITING)
         return wait_seconds(max(wait, 0.0))
 
-    def _sync_if_due(self, outbox: Outbox, *, now: bool = False) -> None:
+    def _sync_if_due(self, outbox: Store, *, now: bool = False) -> None:
         due = self._sync_due
         if due is None or (not now and time.monotonic() < due):
             return
@@ -558,7 +558,7 @@ class Sender:
             log.debug("syncing the WAL failed: %s", exc)
 
     def _send_cycle(
-        self, outbox: Outbox, deadline: Optional[float] = None, *, store_now: bool = False
+        self, outbox: Store, deadline: Optional[float] = None, *, store_now: bool = False
     ) -> None:
         """Held ops to the file if it takes them, the file's queue, then from memory what
         the file could not take."""
@@ -616,7 +616,7 @@ class Sender:
             self._store_trouble = None
             log.warning("the sender can use the outbox again")
 
-    def _cycle(self, outbox: Outbox, deadline: Optional[float] = None) -> None:
+    def _cycle(self, outbox: Store, deadline: Optional[float] = None) -> None:
         """Lead, if no other process does (or the one that does has stalled), and drain."""
         if time.monotonic() < self._not_before:
             return
@@ -632,7 +632,7 @@ class Sender:
             if lead:
                 self._lock.release()
 
-    def _leader_stalled(self, outbox: Outbox) -> bool:
+    def _leader_stalled(self, outbox: Store) -> bool:
         """Whether the process holding the sender lock has made no progress for longer than a
         lease: stopped (SIGSTOP), or frozen. A live sender's request ends within its timeout,
         and its lease is renewed or its rows acked; the head of the queue then changes."""
@@ -659,7 +659,7 @@ class Sender:
         self._stalled_since = now  # said once per lease period
         return True
 
-    def _record(self, outbox: Outbox, *, now: bool = False) -> None:
+    def _record(self, outbox: Store, *, now: bool = False) -> None:
         """Leave what the batches came to in the file, for ``whisperr-durable status``: at
         the end of a drain, at once when a flush waits or a batch failed, and otherwise at
         most once a second (a write of its own each time)."""
@@ -679,14 +679,14 @@ class Sender:
         except StoreError:
             log.debug("could not record the sender's state", exc_info=True)
 
-    def _drain(self, outbox: Outbox, take_over: bool, deadline: Optional[float]) -> None:
+    def _drain(self, outbox: Store, take_over: bool, deadline: Optional[float]) -> None:
         """Send from the head until the queue is empty, backed off, blocked, or out of time."""
         try:
             self._drain_batches(outbox, take_over, deadline)
         finally:
             self._record(outbox, now=True)
 
-    def _drain_batches(self, outbox: Outbox, take_over: bool, deadline: Optional[float]) -> None:
+    def _drain_batches(self, outbox: Store, take_over: bool, deadline: Optional[float]) -> None:
         options = self._options
         batches = 0
         while not self._stop.is_set():

@@ -28,7 +28,7 @@ from typing import Callable, NamedTuple, Optional
 
 from ._errors import WhisperrError
 from ._options import MAX_OVERFLOW, STORE_RETRY_INTERVAL, Options
-from ._store import DeadLetter, Outbox, OutboxStats, StoreError
+from ._store import DeadLetter, OutboxStats, StoreError, open_store
 from ._wire import IDENTIFY
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Writer:
     ) -> None:
         self._options = options
         self._emit = emit
-        self._outbox = Outbox(
+        self._outbox = open_store(
             options.path,
             key_fp,
             fsync=options.fsync,

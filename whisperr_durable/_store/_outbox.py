@@ -16,10 +16,10 @@ import itertools
 import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
-from .._options import MAX_LEASE
-from .._wire import EVENT_SEPARATOR, IDENTIFY, TRACK, utc_now_ms
+from .._wire import EVENT_SEPARATOR, IDENTIFY, utc_now_ms
+from ._claims import DAMAGED, EXPIRED, MAX_LEASE_MS, NO_LEASE, Lease, Plan
 from ._connection import Connection
 from ._records import (
     Claim,
@@ -40,113 +40,6 @@ from ._schema import QUEUE_PREFIX, queue_schema, queue_table
 _EVICT_PER_CALL = 1_000
 # How long an append trusts the oldest id it last saw as a lower bound of the queue's.
 _TRUST_OLDEST = 1.0
-
-_MAX_LEASE_MS = int(MAX_LEASE * 1000)
-_EXPIRED = "expired: older than the server's 30-day window"
-_DAMAGED = "damaged: the stored row is not the wire JSON of an op"
-
-
-class _HeadMoved(Exception):
-    """The head of the queue changed between a claim's read and its lease."""
-
-
-class _Lease(NamedTuple):
-    """A key's lease row: ``owner`` holds rows ``first``..``last`` until ``until_ms``."""
-
-    owner: str
-    first: int
-    last: int
-    until_ms: int
-
-    def live(self, now_ms: int) -> bool:
-        # A lease further ahead than any sender gives means the clock went back.
-        until = self.until_ms if type(self.until_ms) is int else 0
-        return now_ms < until <= now_ms + _MAX_LEASE_MS
-
-    def covers(self, op_id: int) -> bool:
-        return self.first <= op_id <= self.last
-
-
-_NO_LEASE = _Lease("", 1, 0, 0)  # covers nothing, never live
-
-
-class _Plan:
-    """Which of the rows at the head of a queue one claim takes: the leading run of tracks
-    (or one identify alone) not under another owner's live lease, within ``max_bytes``;
-    and the rows to move to the dead letters on the way (expired, damaged)."""
-
-    def __init__(
-        self, owner: str, max_bytes: int, max_age_ms: int, now_ms: int, take_over: bool
-    ) -> None:
-        self.owner = owner
-        self.max_bytes = max_bytes
-        self.max_age_ms = max_age_ms
-        self.now_ms = now_ms
-        self.take_over = take_over
-
-    def blocked_by(self, lease: _Lease) -> bool:
-        """Whether ``lease`` keeps this claim off the rows it covers: another owner's, live,
-        and not to be taken over."""
-        return lease.owner != self.owner and not self.take_over and lease.live(self.now_ms)
-
-    def quick(self, summary: Any, lease: _Lease) -> Optional[Run]:
-        """The run, from a summary of the whole head window (``Outbox._window_sql``) when
-        every row of it is a sound track young enough to send (the common case); ``None``
-        otherwise. A text or blob sorts above every number: a maximum that is an int
-        means that no row has one there."""
-        count, first, last, joined, kind_lo, kind_hi, created_lo, created_hi, attempts, braced = (
-            summary
-        )
-        if (
-            not count
-            or braced != 1
-            or not (type(kind_lo) is type(kind_hi) is int and kind_lo == kind_hi == TRACK)
-            or not (type(created_lo) is type(created_hi) is type(attempts) is int)
-            or created_lo < self.now_ms - self.max_age_ms
-            or type(joined) is not bytes
-            or len(joined) + 2 > self.max_bytes
-            or not joined.isascii()
-            or (self.blocked_by(lease) and lease.first <= last and first <= lease.last)
-        ):
-            return None
-        return Run(first, last, count, TRACK, joined)
-
-    def run(self, head: list[Any], lease: _Lease) -> tuple[list[Row], list[int], list[int]]:
-        now_ms = self.now_ms
-        blocked = self.blocked_by(lease)
-        oldest_allowed = now_ms - self.max_age_ms
-        room = self.max_bytes
-        batch: list[Row] = []
-        expired: list[int] = []
-        damaged: list[int] = []
-        for op_id, kind, body, created_ms, attempts in head:
-            if blocked and lease.covers(op_id):
-                break  # under another owner's live lease
-            if (
-                kind == TRACK
-                and type(body) is bytes
-                and type(created_ms) is int
-                and type(attempts) is int
-                and body.isascii()
-                and body.startswith(b"{")
-                and body.endswith(b"}")
-            ):
-                if created_ms < oldest_allowed:
-                    expired.append(op_id)
-                    continue
-                room -= len(body) + 2
-                if batch and room < 0:
-                    break
-                batch.append(Row(op_id, kind, body, created_ms, attempts))
-                continue
-            if not sound(kind, body, created_ms, attempts):
-                damaged.append(op_id)
-                continue
-            # An identify goes alone.
-            if not batch:
-                batch.append(Row(op_id, kind, body, created_ms, attempts))
-            break
-        return batch, expired, damaged
 
 
 class Outbox(Connection):
@@ -265,7 +158,7 @@ class Outbox(Connection):
         # as lost ops that are delivered. They go only if their sender gives them back.
         lease = self._lease_row(conn)
         if not lease.live(utc_now_ms()):
-            lease = _NO_LEASE
+            lease = NO_LEASE
         held = (oldest, lease.owner, lease.until_ms) if lease.covers(oldest) else (oldest, None, 0)
         hint_lease, hint_through = self._evict_hint
         if held[1] is not None and held == hint_lease and cutoff <= hint_through:
@@ -291,9 +184,9 @@ class Outbox(Connection):
             self._oldest_seen = head
             self._oldest_until = time.monotonic() + _TRUST_OLDEST
 
-    def _lease_row(self, conn: sqlite3.Connection) -> _Lease:
+    def _lease_row(self, conn: sqlite3.Connection) -> Lease:
         rows = conn.execute(self._lease_sql, (self.key_fp,)).fetchall()
-        return _Lease(*rows[0]) if rows else _NO_LEASE
+        return Lease(*rows[0]) if rows else NO_LEASE
 
     def _deleted_through(self, conn: sqlite3.Connection, through: int) -> Optional[int]:
         """Rows with ids up to ``through`` have just left the queue: where an older row
@@ -338,7 +231,7 @@ class Outbox(Connection):
         lock that owner needed, so that owner is gone. Tracks older than ``max_age_ms`` are
         moved to the dead letters on the way, since the server would refuse them.
         """
-        plan = _Plan(owner, max_bytes, max_age_ms, now_ms, take_over)
+        plan = Plan(owner, max_bytes, max_age_ms, now_ms, take_over)
         with self._guard:
             # Read outside any write transaction (appends go on meanwhile), then lease the
             # run in one statement, if the head is still as read. Mostly the head window is
@@ -346,7 +239,7 @@ class Outbox(Connection):
             # planned here. Anything to move to the dead letters, or a head that moved,
             # takes one transaction for the whole claim.
             leases = self._read(self._lease_sql, (self.key_fp,))
-            lease = _Lease(*leases[0]) if leases else _NO_LEASE
+            lease = Lease(*leases[0]) if leases else NO_LEASE
             ((*summary, last_body),) = self._read(self._window_sql, (max_rows,))
             if not summary[0]:
                 return Claim(None)
@@ -365,7 +258,7 @@ class Outbox(Connection):
                 head = conn.execute(self._head_sql, (max_rows,)).fetchall()
                 batch, expired, damaged = plan.run(head, self._lease_row(conn))
                 pruned = 0
-                for ids, reason in ((expired, _EXPIRED), (damaged, _DAMAGED)):
+                for ids, reason in ((expired, EXPIRED), (damaged, DAMAGED)):
                     for op_id in ids:
                         pruned += self._move_to_dead_letters(
                             conn, op_id, op_id, None, None, reason, now_ms
@@ -380,7 +273,7 @@ class Outbox(Connection):
                     )
             return Claim(run_of(batch) if batch else None, len(expired), len(damaged), pruned)
 
-    def _lease(self, run: Run, last_body: bytes, plan: _Plan, lease_ms: int) -> bool:
+    def _lease(self, run: Run, last_body: bytes, plan: Plan, lease_ms: int) -> bool:
         """Lease ``run``, read before, in one statement; ``False`` if the head is not as
         read any more (rows evicted, leased by another sender, or gone and made again with
         the same ids: a row's id comes back only once every row after it is gone, so the
@@ -396,7 +289,7 @@ class Outbox(Connection):
                 "OR leases.first_id > excluded.last_id"
             )
         )
-        args = () if plan.take_over else (plan.now_ms, plan.now_ms + _MAX_LEASE_MS)
+        args = () if plan.take_over else (plan.now_ms, plan.now_ms + MAX_LEASE_MS)
         return (
             self._write_one(
                 "INSERT INTO leases (key_fp, owner, first_id, last_id, until_ms) "
