@@ -184,3 +184,192 @@ def test_a_database_restart_mid_drain_loses_nothing(
         assert (stats.pending, stats.held, stats.lost) == (0, 0, 0)
     finally:
         client.shutdown(timeout=1)
+
+
+# ---- in the caller's transaction ----
+
+
+def test_an_event_tracked_in_a_rolled_back_transaction_is_never_sent(
+    pg_url: str, server: DevServer
+) -> None:
+    import psycopg
+
+    client = make(pg_url, server)
+    try:
+        with psycopg.connect(pg_url) as conn:
+            conn.execute("CREATE TABLE invoices (id serial PRIMARY KEY, state text)")
+            conn.commit()
+            conn.execute("INSERT INTO invoices (state) VALUES ('failed')")
+            client.track("user_1", "payment_failed", {"i": 0}, connection=conn)
+            client.identify("user_1", traits={"i": 1}, connection=conn)
+            conn.rollback()
+        assert client.flush(timeout=5)
+        assert client.stats().pending == 0
+        assert server.requests == []
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_an_event_tracked_in_a_transaction_is_sent_once_after_the_commit(
+    pg_url: str, server: DevServer
+) -> None:
+    import psycopg
+
+    client = make(pg_url, server)
+    try:
+        with psycopg.connect(pg_url) as conn:
+            client.identify("user_1", traits={"i": 0}, connection=conn)
+            client.track("user_1", "payment_failed", {"i": 1}, connection=conn)
+            assert client.flush(timeout=5)  # not committed: nothing to send yet
+            assert server.requests == [] and client.stats().pending == 0
+            conn.commit()
+        assert client.stats().pending == 2
+        assert client.flush(timeout=5)
+        assert [r.path.rsplit("/", 1)[1] for r in server.requests] == ["identify", "batch"]
+        assert numbers(server.events) == [1] and server.duplicates == 0
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_a_transactional_track_that_is_invalid_is_dropped_and_the_transaction_goes_on(
+    pg_url: str, server: DevServer
+) -> None:
+    import psycopg
+
+    errors: list[WhisperrError] = []
+    client = make(pg_url, server, on_error=errors.append)
+    try:
+        with psycopg.connect(pg_url) as conn:
+            client.track("user_1", "Not A Valid Type", connection=conn)
+            client.track("user_1", "valid_type", {"i": 7}, connection=conn)
+            conn.commit()
+        assert [e.type for e in errors] == ["dropped"]
+        assert client.flush(timeout=5)
+        assert numbers(server.events) == [7]
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_the_callers_transaction_errors_are_the_callers(pg_url: str, server: DevServer) -> None:
+    import psycopg
+
+    client = make(pg_url, server)
+    try:
+        with psycopg.connect(pg_url) as conn:
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("SELECT 1 / 0")
+            # The transaction is aborted: the insert fails as any statement would.
+            with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                client.track("user_1", "after_an_error", connection=conn)
+            conn.rollback()
+        with pytest.raises(TypeError, match="psycopg 3 connection"):
+            client.track("user_1", "not_a_connection", connection=object())
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_a_file_outbox_cannot_join_a_transaction(make_client: Any, pg_url: str) -> None:
+    import psycopg
+
+    client = make_client()  # a SQLite file
+    with psycopg.connect(pg_url) as conn, pytest.raises(ValueError, match="PostgreSQL outbox"):
+        client.track("user_1", "in_a_transaction", connection=conn)
+
+
+# ---- Django: WHISPERR_DATABASE joins the project's transactions ----
+
+DJANGO_PROJECT = """
+import json
+import sys
+from urllib.parse import urlparse
+
+import django
+from django.conf import settings
+
+url, base_url = urlparse(sys.argv[1]), sys.argv[2]
+settings.configure(
+    DATABASES={{
+        "default": {{
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": url.path[1:],
+            "USER": url.username,
+            "HOST": url.hostname,
+            "PORT": url.port,
+        }}
+    }},
+    INSTALLED_APPS=[],
+    ROOT_URLCONF=__name__,
+    SECRET_KEY="not-a-secret",
+    ALLOWED_HOSTS=["*"],
+    MIDDLEWARE=["whisperr_durable.integrations.django.WhisperrMiddleware"],
+    WHISPERR_API_KEY={api_key!r},
+    WHISPERR_DATABASE="default",
+    WHISPERR_BASE_URL=base_url,
+    WHISPERR_FLUSH_AT=100_000,
+    WHISPERR_FLUSH_INTERVAL=3600.0,
+)
+django.setup()
+
+from django.db import transaction
+from django.http import HttpResponse
+from django.test import Client
+from django.urls import path
+
+from whisperr_durable.integrations.django import get_client
+
+
+class RolledBack(Exception):
+    pass
+
+
+def view(request, i):
+    try:
+        with transaction.atomic():
+            request.whisperr.user_id = "user_d"
+            request.whisperr.track("django_event", {{"i": i}})
+            if i % 2:
+                raise RolledBack()
+    except RolledBack:
+        pass
+    return HttpResponse("ok")
+
+
+urlpatterns = [path("v/<int:i>", view)]
+
+for i in range(6):
+    assert Client().get(f"/v/{{i}}").status_code == 200
+client = get_client()
+with transaction.atomic():
+    client.track("user_d", "django_event", {{"i": 100}})  # get_client()'s calls join too
+try:
+    with transaction.atomic():
+        client.identify("user_d", traits={{"i": 101}})
+        raise RolledBack()
+except RolledBack:
+    pass
+client.track("user_d", "django_event", {{"i": 200}})  # outside atomic(): stored at once
+result = client.flush(timeout=10)
+print(json.dumps({{"ok": bool(result), "pending": client.stats().pending, "path": client.path}}))
+"""
+
+
+@pytest.mark.slow
+def test_django_atomic_blocks_decide_whether_the_events_exist(
+    pg_url: str, server: DevServer
+) -> None:
+    script = textwrap.dedent(DJANGO_PROJECT).format(api_key=API_KEY)
+    done = subprocess.run(
+        [sys.executable, "-c", script, pg_url, server.url],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["ok"] and result["pending"] == 0, result
+    assert result["path"].startswith("postgresql://postgres@127.0.0.1:")
+    # The rolled back requests' events and the rolled back identify never went.
+    assert numbers(server.events) == [0, 2, 4, 100, 200]
+    assert not any(r.path.endswith("/identify") for r in server.requests)
+    assert server.duplicates == 0

@@ -199,6 +199,8 @@ class DurableWhisperr:
         event_type: str,
         properties: Optional[Mapping[str, Any]] = None,
         context: Optional[Mapping[str, Any]] = None,
+        *,
+        connection: Any = None,
     ) -> None:
         """Record an event for a known user, durably, and return.
 
@@ -206,6 +208,11 @@ class DurableWhisperr:
         configured, ``context.app_version``; a key in ``context`` wins over those three,
         never over ``$message_id``. An invalid call is not queued: it is reported as
         ``dropped`` (or raises ``ValueError`` with ``strict=True``).
+
+        ``connection`` (a PostgreSQL outbox only): a psycopg 3 connection whose current
+        transaction the event joins, uncommitted: it is sent once that transaction commits,
+        and never if it rolls back. Errors of that insert are raised, as the caller's
+        transaction's own.
         """
         if self._disabled:
             return
@@ -222,6 +229,9 @@ class DurableWhisperr:
         except Exception as exc:  # a caller's object can fail in any way while encoded
             self._invalid("track", exc)
             return
+        if connection is not None:
+            self._write_in(connection, (TRACK, body, now_ms))
+            return
         self._write([(TRACK, body, now_ms)], group=True)
 
     def identify(
@@ -234,12 +244,14 @@ class DurableWhisperr:
         push_token: Optional[str] = None,
         preferred_channel: Optional[str] = None,
         channels: Optional[Iterable[Mapping[str, Any]]] = None,
+        connection: Any = None,
     ) -> None:
         """Associate traits and contact channels with a user, durably, and return.
 
         ``email``, ``phone`` and ``push_token`` become opted-in channels; an explicit
         ``channels`` list replaces them. Channel dicts take ``type`` (or ``channel``),
-        ``address``, ``opted_in`` (default true) and ``verified``.
+        ``address``, ``opted_in`` (default true) and ``verified``. ``connection``: as for
+        :meth:`track`.
         """
         if self._disabled:
             return
@@ -249,6 +261,9 @@ class DurableWhisperr:
             body = encode_identify(external_user_id, traits, preferred_channel, channels)
         except Exception as exc:
             self._invalid("identify", exc)
+            return
+        if connection is not None:
+            self._write_in(connection, (IDENTIFY, body, self._clock_ms()))
             return
         self._write([(IDENTIFY, body, self._clock_ms())], group=True)
 
@@ -490,6 +505,13 @@ class DurableWhisperr:
             self._inside.discard(ident)
         self._writer.emit_deferred()  # outside: the callback may track
         return written
+
+    def _write_in(self, connection: Any, op: tuple[int, str, int]) -> None:
+        """Insert ``op`` in the caller's transaction. The sender finds it once committed, at
+        its next cycle (``flush_interval``, ``flush_at`` ops, a ``flush()``)."""
+        self._writer.write_in(connection, op)
+        if not self._closed:
+            self._sender.start()
 
     def _after_write(self, written: Written) -> None:
         """Wake the sender for what was written: ops tracked after shutdown() stay in the

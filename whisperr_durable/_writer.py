@@ -24,11 +24,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from ._errors import WhisperrError
 from ._options import MAX_OVERFLOW, STORE_RETRY_INTERVAL, Options
-from ._store import DeadLetter, OutboxStats, StoreError, open_store
+from ._store import DeadLetter, OutboxStats, StoreError, is_database_url, open_store
 from ._wire import IDENTIFY
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,20 @@ class Writer:
             if self._failing is not None:  # an episode: never wait for the file again
                 return self._hold_locked(ops)
         return self._write_group(ops) if group else self._write_locked(ops)
+
+    def write_in(self, connection: Any, op: Op) -> None:
+        """Insert ``op`` in the caller's transaction on ``connection``: a PostgreSQL outbox
+        only. Raises what the caller's database raises."""
+        if not is_database_url(self._options.path):
+            raise ValueError(
+                "connection= joins a PostgreSQL transaction: it needs a PostgreSQL outbox "
+                "(path='postgresql://...'), not a file"
+            )
+        from ._store._postgres import PgOutbox
+
+        outbox = self._outbox
+        assert isinstance(outbox, PgOutbox)
+        outbox.append_in(connection, *op)  # the caller's connection: no lock of ours
 
     def set_aside(self, ops: list[Op]) -> None:
         """Keep the ops of a call made by a signal handler that interrupted the client, with

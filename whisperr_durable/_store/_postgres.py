@@ -311,6 +311,26 @@ class PgOutbox(_Connected):
         )
         return op_id, self._bound(op_id, max_queue_size, 1)
 
+    def append_in(self, connection: Any, kind: int, body: str, created_ms: int) -> int:
+        """Insert one op in the caller's transaction on ``connection`` (psycopg 3), without
+        committing: it can be sent once the caller commits, and is gone if the caller rolls
+        back. Errors are the caller's transaction's, raised as psycopg raised them. The bound
+        is kept by the appends after it."""
+        if not isinstance(connection, psycopg.Connection):
+            raise TypeError(
+                "connection must be a psycopg 3 connection (SQLAlchemy: "
+                "conn.connection.driver_connection; Django: django.db.connection.connection), "
+                f"not {type(connection).__name__}"
+            )
+        if self.path not in _schema_ready:
+            self.open()  # the tables, made and committed on a connection of our own
+        ((op_id,),) = connection.execute(
+            f"INSERT INTO {_S}.ops (key_fp, kind, body, created_ms) VALUES (%s, %s, %s, %s) "
+            "RETURNING id",
+            (self.key_fp, kind, body, created_ms),
+        ).fetchall()
+        return int(op_id)
+
     def append_many(self, ops: Sequence[tuple[int, str, int]], max_queue_size: int) -> int:
         """Store ``(kind, body, created_ms)`` ops in one transaction; returns the evicted count."""
         if not ops:

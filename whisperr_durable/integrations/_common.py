@@ -38,7 +38,7 @@ def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhis
     ``ValueError`` for a setting that cannot work, or an outbox path this process cannot
     make or write (naming the path, this process's user and the owner).
     """
-    api_key, options = _settings_options(settings)
+    api_key, options = settings_options(settings)
     check_options(api_key, **options)  # an outbox path this process cannot write: say so now
     return DurableWhisperr(api_key, **options)
 
@@ -46,11 +46,12 @@ def client_from_settings(settings: Union[Mapping[str, Any], Any]) -> DurableWhis
 def check_settings(settings: Union[Mapping[str, Any], Any]) -> None:
     """``ValueError`` now for settings a client could not work with, without making one: a
     server's master process (``gunicorn --preload``) must not own a sending client."""
-    api_key, options = _settings_options(settings)
+    api_key, options = settings_options(settings)
     check_options(api_key, **options)
 
 
-def _settings_options(settings: Union[Mapping[str, Any], Any]) -> tuple[Any, dict[str, Any]]:
+def settings_options(settings: Union[Mapping[str, Any], Any]) -> tuple[Any, dict[str, Any]]:
+    """The key and the client's options that ``WHISPERR_*`` settings give."""
     get = settings.get if isinstance(settings, Mapping) else _attribute_getter(settings)
     options: dict[str, Any] = {}
     for name, option in _OPTIONS.items():

@@ -49,16 +49,15 @@ from django.conf import settings
 from django.core.signals import setting_changed
 from django.utils.functional import LazyObject, empty
 
-from .._client import DurableWhisperr
+from .._client import DurableWhisperr, check_options
 from ._common import (
     BoundWhisperr,
     ResolveUser,
-    check_settings,
-    client_from_settings,
     first_user_id,
     import_resolver,
     resolve_user_id,
     resolver_user_id,
+    settings_options,
 )
 
 try:
@@ -88,9 +87,114 @@ def get_client() -> DurableWhisperr:
     if client is None:
         with _client_lock:
             if _client is None:
-                _client = client_from_settings(settings)
+                _client = _client_from_settings()
             client = _client
     return client
+
+
+def _client_from_settings() -> DurableWhisperr:
+    api_key, options, alias = _options()
+    if alias is None:
+        return DurableWhisperr(api_key, **options)
+    return _TransactionalClient(alias, api_key, **options)
+
+
+def check_settings() -> None:
+    """``ValueError`` for ``WHISPERR_*`` settings a client could not work with."""
+    _options()
+
+
+def _options() -> tuple[Any, dict[str, Any], Optional[str]]:
+    """The key, the options and the database alias (``WHISPERR_DATABASE``) of the client
+    the settings describe; ``ValueError`` for settings that cannot work."""
+    api_key, options = settings_options(settings)
+    alias = getattr(settings, "WHISPERR_DATABASE", None)
+    if alias is not None:
+        if getattr(settings, "WHISPERR_DB_PATH", None) is not None:
+            raise ValueError("set WHISPERR_DATABASE or WHISPERR_DB_PATH, not both")
+        options["path"] = database_url(alias)
+    check_options(api_key, **options)
+    return api_key, options, alias
+
+
+# libpq's connection keywords that Django's OPTIONS may carry and a URL can pass on.
+_LIBPQ_OPTIONS = (
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "connect_timeout",
+    "target_session_attrs",
+    "options",
+    "service",
+    "passfile",
+)
+
+
+def database_url(alias: str) -> str:
+    """The ``postgresql://`` URL of one of Django's databases (``DATABASES[alias]``)."""
+    from urllib.parse import quote, urlencode
+
+    databases = getattr(settings, "DATABASES", {})
+    if alias not in databases:
+        raise ValueError(f"WHISPERR_DATABASE: no database {alias!r} in DATABASES")
+    db = databases[alias]
+    if "postgresql" not in str(db.get("ENGINE", "")):
+        raise ValueError(
+            f"WHISPERR_DATABASE: database {alias!r} is not PostgreSQL ({db.get('ENGINE')})"
+        )
+    user = quote(str(db.get("USER") or ""), safe="")
+    password = quote(str(db.get("PASSWORD") or ""), safe="")
+    userinfo = f"{user}{':' + password if password else ''}@" if user else ""
+    host = str(db.get("HOST") or "")
+    port = f":{db['PORT']}" if db.get("PORT") else ""
+    extra = {k: v for k, v in (db.get("OPTIONS") or {}).items() if k in _LIBPQ_OPTIONS}
+    query = f"?{urlencode(extra)}" if extra else ""
+    return f"postgresql://{userinfo}{host}{port}/{quote(str(db.get('NAME') or ''), safe='')}{query}"
+
+
+class _TransactionalClient(DurableWhisperr):
+    """The client of a project whose outbox is one of its own databases
+    (``WHISPERR_DATABASE``): inside that database's ``transaction.atomic()``, ``track()`` and
+    ``identify()`` join the transaction, so the op exists if and only if it commits; the
+    sender is woken by the commit. Outside one, they store the op at once, as always."""
+
+    def __init__(self, alias: str, api_key: Any, **options: Any) -> None:
+        super().__init__(api_key, **options)
+        self.database_alias = alias
+
+    def track(
+        self,
+        external_user_id: str,
+        event_type: str,
+        properties: Optional[Any] = None,
+        context: Optional[Any] = None,
+        *,
+        connection: Any = None,
+    ) -> None:
+        super().track(
+            external_user_id,
+            event_type,
+            properties,
+            context,
+            connection=connection if connection is not None else self._in_atomic_block(),
+        )
+
+    def identify(self, external_user_id: str, **kwargs: Any) -> None:
+        if kwargs.get("connection") is None:
+            kwargs["connection"] = self._in_atomic_block()
+        super().identify(external_user_id, **kwargs)
+
+    def _in_atomic_block(self) -> Any:
+        """The psycopg connection of the alias's open ``atomic()`` block, if any."""
+        from django.db import connections, transaction
+
+        wrapper = connections[self.database_alias]
+        if not wrapper.in_atomic_block or _in_event_loop():
+            return None
+        transaction.on_commit(self._sender.wake, using=self.database_alias)
+        return wrapper.connection
 
 
 _official_noticed = threading.Event()
@@ -225,7 +329,7 @@ class WhisperrMiddleware:
         # A settings mistake shows at startup, not on the first request; the client itself
         # is made on first use: under gunicorn --preload this runs in the master, which
         # must not own a sending client (its exit flush would come after the workers').
-        check_settings(settings)
+        check_settings()
 
     @property
     def client(self) -> DurableWhisperr:
