@@ -373,3 +373,53 @@ def test_django_atomic_blocks_decide_whether_the_events_exist(
     assert numbers(server.events) == [0, 2, 4, 100, 200]
     assert not any(r.path.endswith("/identify") for r in server.requests)
     assert server.duplicates == 0
+
+
+# ---- the operators' command line, on a database ----
+
+
+def run_cli(pg_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "whisperr_durable", *args],
+        capture_output=True,
+        text=True,
+        env=pg_env,
+        timeout=60,
+    )
+
+
+@pytest.mark.slow
+def test_the_command_line_works_on_a_database_url(pg_url: str, server: DevServer) -> None:
+    env = child_env(WHISPERR_API_KEY=API_KEY, WHISPERR_BASE_URL=server.url)
+    client = make(pg_url, server)
+    try:
+        for i in range(3):
+            client.track("user_1", "cli_event", {"i": i})
+    finally:
+        client.shutdown(timeout=0)  # left queued
+    status = run_cli(env, "status", "--path", pg_url, "--json")
+    assert status.returncode == 0, status.stderr
+    (key,) = json.loads(status.stdout)["keys"]
+    assert (key["pending_tracks"], key["pending_identifies"]) == (3, 0)
+    peek = run_cli(env, "peek", "--path", pg_url, "--json")
+    assert peek.returncode == 0, peek.stderr
+    ops = [json.loads(line) for line in peek.stdout.splitlines()]  # one op a line
+    assert [op["body"]["properties"]["i"] for op in ops] == [0, 1, 2]
+    tracked = run_cli(env, "track", "--path", pg_url, "user_1", "cli_track")
+    assert tracked.returncode == 0, tracked.stderr
+    flushed = run_cli(env, "flush", "--path", pg_url)
+    assert flushed.returncode == 0, flushed.stderr
+    assert numbers(server.events[:3]) == [0, 1, 2]
+    assert server.events[3]["event_type"] == "cli_track"
+    compacted = run_cli(env, "compact", "--path", pg_url)
+    assert compacted.returncode == 0, compacted.stderr
+    letters = run_cli(env, "dead-letters", "list", "--path", pg_url)
+    assert letters.returncode == 0, letters.stderr
+
+
+def test_the_command_line_never_shows_a_password(pg_url: str) -> None:
+    url = "postgresql://app:s3cret@127.0.0.1:1/app"
+    status = run_cli(child_env(), "status", "--path", url)
+    assert status.returncode != 0
+    assert "s3cret" not in status.stdout + status.stderr
+    assert "app:***@127.0.0.1:1/app" in status.stderr

@@ -10,7 +10,7 @@ from types import TracebackType
 from typing import Any, Optional
 
 from ._client import key_fingerprint
-from ._store import DeadLetter, KeyReport, Outbox
+from ._store import DeadLetter, KeyReport, is_database_url, open_store, shown
 from ._wire import IDENTIFY, utc_now_ms
 
 
@@ -77,17 +77,19 @@ class OutboxFile:
     """
 
     def __init__(self, path: str, api_key: Optional[str] = None) -> None:
-        self.path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-        if not os.path.isfile(self.path):
+        path = os.fspath(path)
+        self._database = is_database_url(path)
+        self.path = path if self._database else os.path.abspath(os.path.expanduser(path))
+        if not self._database and not os.path.isfile(self.path):
             raise FileNotFoundError(f"no outbox at {self.path}")
         self._key_fp = key_fingerprint(api_key.strip()) if api_key else None
-        self._outbox = Outbox(self.path, self._key_fp or "", inspect_only=True)
+        self._outbox = open_store(self.path, self._key_fp or "", inspect_only=True)
         self._outbox.open()
 
     def status(self) -> OutboxStatus:
         reports = self._outbox.key_reports(self._key_fp, utc_now_ms())
         return OutboxStatus(
-            path=self.path,
+            path=shown(self.path),
             file_bytes=self._outbox.file_bytes(),
             schema_version=self._outbox.schema_version(),
             keys=[self._key_status(report) for report in reports],
@@ -124,15 +126,16 @@ class OutboxFile:
         )
 
     def _sender_active(self, key_fp: str) -> bool:
-        from ._lock import SenderLock, lock_path
+        from ._lock import lock_path, sender_lock
 
-        path = lock_path(self.path, key_fp)
-        if not os.path.exists(path):
+        if not self._database and not os.path.exists(lock_path(self.path, key_fp)):
             return False
-        lock = SenderLock(path)
+        lock = sender_lock(self.path, key_fp, 5.0)
         got = lock.try_acquire()
         if got:
             lock.release()
+        if self._database:
+            lock.close()
         return got is False
 
     def peek(self, limit: int = 10) -> list[QueuedOp]:

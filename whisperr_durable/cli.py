@@ -48,7 +48,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Optional, TypeVar
 
 from ._errors import WhisperrError
 from ._options import DEFAULT_BASE_URL, DEFAULT_REQUEST_TIMEOUT, setting
-from ._store import DeadLetter, OutboxStats, StoreError
+from ._store import DeadLetter, OutboxStats, StoreError, is_database_url, shown
 from ._version import __version__
 
 if TYPE_CHECKING:
@@ -211,8 +211,7 @@ def render_status(status: OutboxStatus, now_ms: int, *, filtered: bool) -> list[
             ("size", f"{format_bytes(status.file_bytes)} (schema version {status.schema_version})"),
             (
                 "reclaimable",
-                f"{format_bytes(status.reclaimable_bytes)} (free pages; '{PROG} compact' "
-                "gives them back)",
+                f"{format_bytes(status.reclaimable_bytes)} (what '{PROG} compact' gives back)",
             ),
         ]
     )
@@ -429,7 +428,7 @@ def _api_key(args: argparse.Namespace, *, required_for: Optional[str] = None) ->
 
 def _path(args: argparse.Namespace) -> str:
     raw = str(setting("path", args.path or None))
-    return os.path.abspath(os.path.expanduser(raw))
+    return raw if is_database_url(raw) else os.path.abspath(os.path.expanduser(raw))
 
 
 def _base_url(args: argparse.Namespace) -> str:
@@ -440,7 +439,9 @@ def _base_url(args: argparse.Namespace) -> str:
 
 
 def _check_existing(path: str) -> None:
-    """Exit 3 or 4, with one line, unless ``path`` is a regular file."""
+    """Exit 3 or 4, with one line, unless ``path`` is a regular file (or a database URL)."""
+    if is_database_url(path):
+        return
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -475,6 +476,7 @@ def open_outbox(path: str, api_key: Optional[str] = None) -> OutboxFile:
 
 
 def _unusable(path: str, exc: StoreError) -> CliError:
+    path = shown(path)
     if "locked" in str(exc):
         return CliError(EXIT_BAD_OUTBOX, f"{path} stayed locked by another process: {exc}")
     return CliError(EXIT_BAD_OUTBOX, f"{path} is not a usable outbox: {exc}")
@@ -609,7 +611,7 @@ def _enqueue(args: argparse.Namespace, what: str, call: Callable[[DurableWhisper
     path = _path(args)
     # An existing file must be an outbox: never let a client move someone's file aside or
     # add tables to a database that is not ours. An empty file is a client's first step.
-    if os.path.lexists(path):
+    if not is_database_url(path) and os.path.lexists(path):
         _check_existing(path)
         if os.path.getsize(path) > 0:
             open_outbox(path).close()
@@ -624,7 +626,7 @@ def _enqueue(args: argparse.Namespace, what: str, call: Callable[[DurableWhisper
         client.shutdown(timeout=0)
     for error in errors:
         if error.type in ("store_error", "dropped"):
-            raise CliError(EXIT_BAD_OUTBOX, f"{what} not stored in {path}: {error.message}")
+            raise CliError(EXIT_BAD_OUTBOX, f"{what} not stored in {shown(path)}: {error.message}")
     return EXIT_OK
 
 
@@ -723,7 +725,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
     if result.reason == "timeout":
         raise CliError(EXIT_TIMEOUT, f"flush timed out after {args.timeout:g}s{because}; {left}")
     if result.reason == "store":
-        raise CliError(EXIT_BAD_OUTBOX, f"flush could not use {path}; {left}")
+        raise CliError(EXIT_BAD_OUTBOX, f"flush could not use {shown(path)}; {left}")
     raise CliError(EXIT_FAILED, f"flush stopped ({result.reason}); {left}")
 
 
@@ -983,7 +985,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "compact",
         "give the file's free space back (after a large drain)",
-        "Rewrite the outbox without its free pages (SQLite's VACUUM) and empty its WAL, "
+        "Rewrite the outbox without its free pages (SQLite's VACUUM) and empty its WAL, or "
+        "a PostgreSQL outbox's tables without their dead rows (VACUUM FULL), "
         "then print the size before and after. A drained queue leaves its pages free for "
         "new ops; senders give some back after each drain that empties the queue, and "
         "'status' shows what is left to reclaim. Other processes' writes wait while it runs "

@@ -25,6 +25,15 @@ def is_database_url(path: str) -> bool:
     return path.startswith(DATABASE_SCHEMES)
 
 
+def shown(path: str) -> str:
+    """An outbox path as logs and messages show it: a database URL without its password."""
+    if is_database_url(path):
+        from ._postgres import redacted
+
+        return redacted(path)
+    return path
+
+
 def open_store(path: str, key_fp: str, **options: Any) -> Store:
     """The store of one key's queue at ``path``: a PostgreSQL database or a SQLite file."""
     if is_database_url(path):
@@ -52,4 +61,5 @@ __all__ = [
     "open_store",
     "queue_table",
     "run_of",
+    "shown",
 ]

@@ -647,6 +647,39 @@ class PgOutbox(_Connected):
     def reclaim(self, max_pages: int) -> None:
         pass
 
+    # ---- the tables' size, for operators ----
+
+    def file_bytes(self) -> int:
+        """The size of the outbox's tables and their indexes, in bytes."""
+        ((size,),) = self._read(
+            "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class AS c "
+            "JOIN pg_namespace AS n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = %s AND c.relkind = 'r'",
+            (SCHEMA_NAME,),
+        )
+        return int(size)
+
+    def reclaimable(self) -> int:
+        """Bytes held by deleted rows not yet vacuumed (PostgreSQL's estimate)."""
+        ((dead,),) = self._read(
+            "SELECT coalesce(sum(pg_relation_size(relid) * n_dead_tup "
+            "/ greatest(n_live_tup + n_dead_tup, 1)), 0) FROM pg_stat_user_tables "
+            "WHERE schemaname = %s",
+            (SCHEMA_NAME,),
+        )
+        return int(dead)
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the outbox's tables without their dead rows (``VACUUM FULL``): their size
+        before and after, in bytes. Appends and claims wait while it runs (each table is
+        locked in turn)."""
+        before = self.file_bytes()
+        with self._guard, self._errors():
+            conn = self._connection()
+            for table in ("ops", "dead_letters", "leases", "counters", "sender_state"):
+                conn.execute(f"VACUUM FULL {_S}.{table}")
+        return before, self.file_bytes()
+
     # ---- the whole store, for operators (``key_fp=None``: every key) ----
 
     def all_dead_letters(self, limit: Optional[int], key_fp: Optional[str]) -> list[DeadLetter]:
@@ -794,6 +827,11 @@ class PgSenderLock:
         """Forget the parent's connection (and its lock) without touching it."""
         self._held = False
         self._conn.after_fork_in_child()
+
+    def close(self) -> None:
+        """End the lock's connection (and the lock, if held)."""
+        self._held = False
+        self._conn.close()
 
 
 def _after_fork_in_child() -> None:
