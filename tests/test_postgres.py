@@ -423,3 +423,105 @@ def test_the_command_line_never_shows_a_password(pg_url: str) -> None:
     assert status.returncode != 0
     assert "s3cret" not in status.stdout + status.stderr
     assert "app:***@127.0.0.1:1/app" in status.stderr
+
+
+# ---- chaos: hosts of a fleet killed at random ----
+
+CHAOS_CHILD = """
+import sys
+from whisperr_durable import DurableWhisperr
+
+url, base_url, role, name, start = sys.argv[1:6]
+client = DurableWhisperr(
+    {api_key!r}, path=url, base_url=base_url, flush_at=20, flush_interval=0.2,
+    request_timeout=2.0, shutdown_timeout=1.0,
+)
+if role == "producer":
+    i = int(start)
+    while True:
+        client.track("user_" + name, "chaos_event", {{"p": name, "i": i}})
+        print(i, flush=True)  # track() returned: the op must be delivered
+        i += 1
+else:
+    while True:
+        client.flush(timeout=1.0)
+"""
+
+
+@pytest.mark.slow
+def test_hosts_killed_at_random_lose_no_returned_op_and_keep_each_ones_order(
+    pg_url: str, server: DevServer
+) -> None:
+    import random
+    import threading
+    import time
+
+    rng = random.Random()
+    script = textwrap.dedent(CHAOS_CHILD).format(api_key=API_KEY)
+    returned: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    guard = threading.Lock()
+
+    def spawn(role: str, name: str) -> subprocess.Popen[str]:
+        start = str(returned[name][-1] + 1 if returned.get(name) else 0)
+        child = subprocess.Popen(
+            [sys.executable, "-c", script, pg_url, server.url, role, name, start],
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        if role == "producer":
+
+            def read() -> None:
+                assert child.stdout is not None
+                for line in child.stdout:
+                    with guard:
+                        returned[name].append(int(line))
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            readers.append(reader)
+        return child
+
+    readers: list[threading.Thread] = []
+    procs = {("producer", n): spawn("producer", n) for n in returned}
+    procs.update({("sender", n): spawn("sender", n) for n in ("s1", "s2")})
+    kills = 0
+    deadline = time.monotonic() + 8
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(rng.uniform(0.1, 0.6))  # a random moment in the processes' work
+            (role, name), victim = rng.choice(list(procs.items()))
+            victim.kill()
+            victim.wait(10)
+            kills += 1
+            if role == "producer":
+                for reader in readers:
+                    reader.join(0.5)
+            procs[(role, name)] = spawn(role, name)
+    finally:
+        for child in procs.values():
+            child.kill()
+            child.wait(10)
+    for reader in readers:
+        reader.join(5)
+    assert kills >= 5 and all(len(r) > 20 for r in returned.values()), (kills, returned)
+
+    # What is left is delivered by one more process; then the audit.
+    final = make(pg_url, server)
+    try:
+        assert final.flush(timeout=30), final.stats()
+    finally:
+        final.shutdown(timeout=1)
+    firsts: dict[str, list[int]] = {name: [] for name in returned}
+    seen: set[tuple[str, int]] = set()
+    for event in server.events:
+        p, i = event["properties"]["p"], event["properties"]["i"]
+        if (p, i) not in seen:
+            seen.add((p, i))
+            firsts[p].append(i)
+    for name, indexes in returned.items():
+        assert set(indexes) <= set(firsts[name]), (
+            f"lost: {sorted(set(indexes) - set(firsts[name]))}"
+        )
+        assert firsts[name] == sorted(firsts[name]), f"{name} out of order"
