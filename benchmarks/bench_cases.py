@@ -1010,3 +1010,12 @@ BENCHMARKS: dict[str, Callable[[Context], Result]] = {
     "footprint": bench_footprint,
     "eviction": bench_eviction,
 }
+
+
+def _bench_postgres(ctx: Context) -> Result:
+    from bench_postgres import bench_postgres
+
+    return bench_postgres(ctx)
+
+
+BENCHMARKS["postgres"] = _bench_postgres

@@ -33,9 +33,19 @@ from typing import Any, Callable, Optional
 
 import psycopg
 
-from .._wire import IDENTIFY
+from .._wire import IDENTIFY, TRACK
 from ._claims import DAMAGED, EXPIRED, NO_LEASE, Lease, Plan
-from ._records import Claim, DeadLetter, KeyReport, OutboxStats, Row, StoreError, run_of, text_of
+from ._records import (
+    Claim,
+    DeadLetter,
+    KeyReport,
+    OutboxStats,
+    Row,
+    Run,
+    StoreError,
+    run_of,
+    text_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +122,21 @@ _LEAD = "hashtextextended('whisperr_durable:sender:' || %s, 0)"
 _EVICT_PER_CALL = 1_000
 
 _ROW = "id, kind, convert_to(body, 'UTF8'), created_ms, attempts"
+# The head window of a key's queue summed up in one pass: its ids and bodies (joined for the
+# wire) in id order, the range of kinds and creation times, whether every body is one
+# braced ASCII object, and the joined size.
+_WINDOW = (
+    "SELECT count(*), array_agg(id ORDER BY id), string_agg(body, ', ' ORDER BY id), "
+    "min(kind), max(kind), min(created_ms), "
+    "bool_and(left(body, 1) = '{' AND right(body, 1) = '}' "
+    "AND octet_length(body) = char_length(body)), "
+    "coalesce(sum(octet_length(body) + 2), 0) - 2 "
+    f"FROM (SELECT id, kind, body, created_ms FROM {_S}.ops WHERE key_fp = %s "
+    "ORDER BY id LIMIT %s) AS head"
+)
+_APPEND = (
+    f"INSERT INTO {_S}.ops (key_fp, kind, body, created_ms) VALUES (%s, %s, %s, %s) RETURNING id"
+)
 
 # Connections made in a process that has since forked: the child must neither use nor close
 # them (closing would end the parent's session), so it keeps them referenced for ever.
@@ -246,6 +271,7 @@ class PgOutbox(_Connected):
         # An append whose id is at most this needs no count of the queue (see _bound).
         self._room_until = 0
         self._room_bound = 0
+        self._append_cursor: Any = None
 
     @property
     def lost(self) -> int:
@@ -303,12 +329,17 @@ class PgOutbox(_Connected):
     # ---- the write path ----
 
     def append(self, kind: int, body: str, created_ms: int, max_queue_size: int) -> tuple[int, int]:
-        """Store one op; evict the oldest beyond ``max_queue_size``. Returns ``(id, evicted)``."""
-        ((op_id,),) = self._read(
-            f"INSERT INTO {_S}.ops (key_fp, kind, body, created_ms) VALUES (%s, %s, %s, %s) "
-            "RETURNING id",
-            (self.key_fp, kind, body, created_ms),
-        )
+        """Store one op; evict the oldest beyond ``max_queue_size``. Returns ``(id, evicted)``.
+        The hot path of ``track()``: one prepared statement on a cursor kept for it."""
+        with self._guard, self._errors():
+            conn = self._connection()
+            cursor = self._append_cursor
+            if cursor is None or cursor.connection is not conn:
+                cursor = self._append_cursor = conn.cursor()
+            cursor.execute(_APPEND, (self.key_fp, kind, body, created_ms), prepare=True)
+            (op_id,) = cursor.fetchone()
+        if max_queue_size == self._room_bound and op_id <= self._room_until:
+            return op_id, 0
         return op_id, self._bound(op_id, max_queue_size, 1)
 
     def append_in(self, connection: Any, kind: int, body: str, created_ms: int) -> int:
@@ -325,9 +356,7 @@ class PgOutbox(_Connected):
         if self.path not in _schema_ready:
             self.open()  # the tables, made and committed on a connection of our own
         ((op_id,),) = connection.execute(
-            f"INSERT INTO {_S}.ops (key_fp, kind, body, created_ms) VALUES (%s, %s, %s, %s) "
-            "RETURNING id",
-            (self.key_fp, kind, body, created_ms),
+            _APPEND, (self.key_fp, kind, body, created_ms), prepare=True
         ).fetchall()
         return int(op_id)
 
@@ -415,28 +444,58 @@ class PgOutbox(_Connected):
         plan = Plan(owner, max_bytes, max_age_ms, now_ms, take_over)
         with self._write() as conn:
             conn.execute(_KEY_LOCK, (self.key_fp,))
-            head = conn.execute(
-                f"SELECT {_ROW} FROM {_S}.ops WHERE key_fp = %s ORDER BY id LIMIT %s",
-                (self.key_fp, max_rows),
-            ).fetchall()
-            if not head:
+            lease = self._lease_row(conn)
+            # Mostly the head window is the run as it stands, summed up by the server;
+            # otherwise its rows are read and planned here.
+            summary = conn.execute(_WINDOW, (self.key_fp, max_rows), prepare=True).fetchone()
+            if not summary[0]:
                 return Claim(None)
-            batch, expired, damaged = plan.run(head, self._lease_row(conn))
-            pruned = 0
-            for ids, reason in ((expired, EXPIRED), (damaged, DAMAGED)):
-                if ids:
-                    pruned += self._move_to_dead_letters(conn, ids, None, reason, now_ms)[1]
-            if batch:
+            quick = self._quick(summary, plan, lease)
+            run: Optional[Run]
+            if quick is not None:
+                run, ids = quick
+                expired: list[int] = []
+                damaged: list[int] = []
+                pruned = 0
+            else:
+                head = conn.execute(
+                    f"SELECT {_ROW} FROM {_S}.ops WHERE key_fp = %s ORDER BY id LIMIT %s",
+                    (self.key_fp, max_rows),
+                ).fetchall()
+                batch, expired, damaged = plan.run(head, lease)
+                pruned = 0
+                for dead, reason in ((expired, EXPIRED), (damaged, DAMAGED)):
+                    if dead:
+                        pruned += self._move_to_dead_letters(conn, dead, None, reason, now_ms)[1]
+                run, ids = (run_of(batch), [r.id for r in batch]) if batch else (None, [])
+            if run is not None:
                 conn.execute(
                     f"INSERT INTO {_S}.leases (key_fp, owner, first_id, last_id, until_ms) "
                     "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key_fp) DO UPDATE SET "
                     "owner = excluded.owner, first_id = excluded.first_id, "
                     "last_id = excluded.last_id, until_ms = excluded.until_ms",
-                    (self.key_fp, owner, batch[0].id, batch[-1].id, now_ms + lease_ms),
+                    (self.key_fp, owner, run.first, run.last, now_ms + lease_ms),
                 )
-        if batch:
-            self._claimed[owner] = [row.id for row in batch]
-        return Claim(run_of(batch) if batch else None, len(expired), len(damaged), pruned)
+        if run is not None:
+            self._claimed[owner] = ids
+        return Claim(run, len(expired), len(damaged), pruned)
+
+    @staticmethod
+    def _quick(summary: Any, plan: Plan, lease: Lease) -> Optional[tuple[Run, list[int]]]:
+        """The run and its ids, from the server's summary of the head window, when every
+        row of it is a sound track young enough to send within ``max_bytes`` (the common
+        case); ``None`` otherwise."""
+        count, ids, joined, kind_lo, kind_hi, created_lo, sound_bodies, size = summary
+        if (
+            kind_lo != TRACK
+            or kind_hi != TRACK
+            or not sound_bodies
+            or created_lo < plan.now_ms - plan.max_age_ms
+            or size + 2 > plan.max_bytes
+            or (plan.blocked_by(lease) and lease.first <= ids[-1] and ids[0] <= lease.last)
+        ):
+            return None
+        return Run(ids[0], ids[-1], count, TRACK, joined.encode()), ids
 
     def _ours(self, owner: str, first_id: int, last_id: int) -> list[int]:
         return [i for i in self._claimed.get(owner, ()) if first_id <= i <= last_id]
@@ -463,26 +522,30 @@ class PgOutbox(_Connected):
 
     def rows(self, first_id: int, last_id: int) -> list[Row]:
         """The rows of our run with ids ``first_id``..``last_id``, in order."""
+        ids = [i for run in self._claimed.values() for i in run if first_id <= i <= last_id]
         rows = self._read(
-            f"SELECT {_ROW} FROM {_S}.ops WHERE key_fp = %s AND id = ANY(%s) ORDER BY id",
-            (
-                self.key_fp,
-                [i for run in self._claimed.values() for i in run if first_id <= i <= last_id],
-            ),
+            f"SELECT {_ROW} FROM {_S}.ops WHERE {_IDS} ORDER BY id", (self.key_fp, *_ids(ids))
         )
         return [Row(*row) for row in rows]
 
     def ack(self, first_id: int, last_id: int, owner: str) -> int:
-        """Delete delivered rows of our run; the lease ends with the last of them."""
+        """Delete delivered rows of our run, if ``owner`` still holds its lease; the lease
+        ends with the last of them. One statement: one round trip a batch."""
         ids = self._ours(owner, first_id, last_id)
-        with self._write() as conn:
-            if not self._still_ours(conn, owner):
-                self._claimed.pop(owner, None)
-                return 0
-            deleted = conn.execute(
-                f"DELETE FROM {_S}.ops WHERE key_fp = %s AND id = ANY(%s)", (self.key_fp, ids)
-            ).rowcount
-            self._settle(conn, owner, ids)
+        settled = set(ids)
+        left = [i for i in self._claimed.pop(owner, ()) if i not in settled]
+        ((held, deleted),) = self._read(
+            f"WITH mine AS (SELECT 1 FROM {_S}.leases WHERE key_fp = %s AND owner = %s "
+            "FOR UPDATE), "
+            f"gone AS (DELETE FROM {_S}.ops WHERE {_IDS} AND EXISTS (SELECT 1 FROM mine) "
+            "RETURNING 1), "
+            f"ended AS (DELETE FROM {_S}.leases WHERE key_fp = %s AND owner = %s AND %s "
+            "AND EXISTS (SELECT 1 FROM mine)) "
+            "SELECT EXISTS (SELECT 1 FROM mine), (SELECT count(*) FROM gone)",
+            (self.key_fp, owner, self.key_fp, *_ids(ids), self.key_fp, owner, not left),
+        )
+        if held and left:
+            self._claimed[owner] = left
         return int(deleted)
 
     def renew(self, first_id: int, last_id: int, owner: str, until_ms: int) -> int:
@@ -501,9 +564,8 @@ class PgOutbox(_Connected):
         with self._write() as conn:
             if self._still_ours(conn, owner) and failed:
                 conn.execute(
-                    f"UPDATE {_S}.ops SET attempts = attempts + 1 "
-                    "WHERE key_fp = %s AND id = ANY(%s)",
-                    (self.key_fp, ids),
+                    f"UPDATE {_S}.ops SET attempts = attempts + 1 WHERE {_IDS}",
+                    (self.key_fp, *_ids(ids)),
                 )
             self._settle(conn, owner, ids, end=True)
 
@@ -531,12 +593,12 @@ class PgOutbox(_Connected):
         self, conn: Any, ids: list[int], status: Optional[int], reason: str, now_ms: int
     ) -> tuple[int, int]:
         moved = conn.execute(
-            f"WITH gone AS (DELETE FROM {_S}.ops WHERE key_fp = %s AND id = ANY(%s) "
+            f"WITH gone AS (DELETE FROM {_S}.ops WHERE {_IDS} "
             "RETURNING id, kind, body, created_ms, attempts) "
             f"INSERT INTO {_S}.dead_letters (key_fp, op_id, kind, body, created_ms, failed_ms, "
             "attempts, status, reason) SELECT %s, id, kind, body, created_ms, %s, attempts + 1, "
             "%s, %s FROM gone ORDER BY id",
-            (self.key_fp, ids, self.key_fp, now_ms, status, reason),
+            (self.key_fp, *_ids(ids), self.key_fp, now_ms, status, reason),
         ).rowcount
         if not moved:
             return 0, 0
@@ -762,6 +824,15 @@ class PgOutbox(_Connected):
         where, params = _dead_letter_filter(ids, key_fp)
         with self._write() as conn:
             return int(conn.execute(f"DELETE FROM {_S}.dead_letters {where}", params).rowcount)
+
+
+# Rows of one key named by their ids: the range bounds the index scan (a list alone can
+# lead the planner to scan the key's whole queue and test each row against it).
+_IDS = "key_fp = %s AND id BETWEEN %s AND %s AND id = ANY(%s)"
+
+
+def _ids(ids: list[int]) -> tuple[int, int, list[int]]:
+    return (min(ids), max(ids), ids) if ids else (1, 0, ids)
 
 
 def _kind_name(kind: int) -> str:
