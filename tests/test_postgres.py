@@ -524,3 +524,18 @@ def test_hosts_killed_at_random_lose_no_returned_op_and_keep_each_ones_order(
         lost = sorted(set(indexes) - set(firsts[name]))
         assert not lost, f"{name}: {len(lost)} lost, from {lost[:10]}"
         assert firsts[name] == sorted(firsts[name]), f"{name} out of order"
+
+
+def test_a_postgres_url_in_the_environment_is_the_outbox(
+    pg_url: str, server: DevServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short = "postgres://" + pg_url.split("://", 1)[1]  # the other scheme libpq takes
+    monkeypatch.setenv("WHISPERR_DB_PATH", short)
+    client = DurableWhisperr(API_KEY, base_url=server.url, flush_at=100_000)
+    try:
+        assert client.path == short
+        client.track("user_1", "from_the_environment", {"i": 0})
+        assert client.flush(timeout=5)
+        assert numbers(server.events) == [0]
+    finally:
+        client.shutdown(timeout=1)

@@ -18,6 +18,11 @@ Outside a request (signals, management commands, Celery tasks) use :func:`get_cl
 the user id from your data. The client is built from the ``WHISPERR_*`` settings on first
 use (see :func:`~whisperr_durable.integrations.client_from_settings`).
 
+``WHISPERR_DATABASE = "default"`` (an alias of ``DATABASES``, PostgreSQL on psycopg 3,
+instead of ``WHISPERR_DB_PATH``) keeps the outbox in that database: inside its
+``transaction.atomic()``, ``request.whisperr`` and ``get_client()`` calls join the
+transaction, so an event exists if and only if the transaction commits.
+
 The request's user is ``request.user.pk`` when ``request.user.is_authenticated``, or what
 ``WHISPERR_RESOLVE_USER`` (a callable taking the request, or its dotted path) returns. It is
 looked up when the request comes in, as the official middleware does: a view may run in an
