@@ -539,3 +539,58 @@ def test_a_postgres_url_in_the_environment_is_the_outbox(
         assert numbers(server.events) == [0]
     finally:
         client.shutdown(timeout=1)
+
+
+# ---- a hostile database ----
+
+
+def test_a_table_locked_past_store_timeout_holds_the_ops_and_loses_none(
+    pg_url: str, server: DevServer
+) -> None:
+    import psycopg
+
+    errors: list[WhisperrError] = []
+    client = make(pg_url, server, store_timeout=0.3, on_error=errors.append)
+    try:
+        client.track("user_1", "before", {"i": 0})  # the tables, made
+        with psycopg.connect(pg_url) as blocker:
+            blocker.execute("LOCK TABLE whisperr_durable.ops IN ACCESS EXCLUSIVE MODE")
+            for i in range(1, 4):
+                client.track("user_1", "while_locked", {"i": i})  # returns, never raises
+            stats = client.stats()  # cannot count the rows either: says so
+            assert stats.held == 3 and stats.error is not None
+            blocker.rollback()  # the lock goes
+        assert [e.type for e in errors] == ["store_error"]
+        assert "timeout" in errors[0].message
+        assert client.flush(timeout=10)
+        assert sorted(numbers(server.events)) == [0, 1, 2, 3]
+        assert client.stats().held == 0
+    finally:
+        client.shutdown(timeout=1)
+
+
+@pytest.mark.slow
+def test_a_sender_whose_lock_connection_is_killed_mid_drain_loses_nothing(
+    pg_url: str, server: DevServer
+) -> None:
+    # The advisory lock lives on a connection of its own: a database that ends it (an
+    # administrator, a failover) frees the lock at once; the sender takes it again.
+    import psycopg
+
+    client = make(pg_url, server, max_batch_size=20)
+    try:
+        for i in range(400):
+            client.track("user_1", "lock_lost", {"i": i})
+        server.latency = 0.05  # 20 batches: a drain of a second, holding the lock
+        client.flush(timeout=0.2)
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                "WHERE locktype = 'advisory' AND pid <> pg_backend_pid()"
+            ).fetchall()
+        assert killed == [(True,)]  # the sender's lock, held mid-drain
+        server.latency = 0.0
+        assert wait_until(lambda: client.flush(timeout=5).pending == 0, timeout=30)
+        assert sorted(set(numbers(server.events))) == list(range(400))
+    finally:
+        client.shutdown(timeout=1)
