@@ -594,3 +594,32 @@ def test_a_sender_whose_lock_connection_is_killed_mid_drain_loses_nothing(
         assert sorted(set(numbers(server.events))) == list(range(400))
     finally:
         client.shutdown(timeout=1)
+
+
+def test_a_forked_child_makes_its_own_connections_and_the_parents_go_on(
+    pg_url: str, server: DevServer
+) -> None:
+    # Both processes track at once: a connection shared across the fork would mix their
+    # statements on one socket.
+    client = make(pg_url, server)
+    try:
+        client.track("user_1", "parent_before", {"i": -1})
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 3
+            try:
+                for i in range(300):
+                    client.track("user_1", "in_the_child", {"i": 1000 + i})
+                code = 0 if client.flush(timeout=10) and client.stats().store_errors == 0 else 4
+            finally:
+                os._exit(code)
+        for i in range(300):
+            client.track("user_1", "in_the_parent", {"i": i})
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert client.flush(timeout=10)
+        assert client.stats().store_errors == 0
+        expected = [-1, *range(300), *range(1000, 1300)]
+        assert sorted(numbers(server.events)) == expected
+    finally:
+        client.shutdown(timeout=1)
