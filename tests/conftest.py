@@ -8,11 +8,12 @@ import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
 
@@ -225,6 +226,55 @@ def run_forked(fn: Callable[[], int], timeout: float = 20.0) -> int:
         reaper.join(10)
         pytest.fail("the forked child did not finish")
     return os.waitstatus_to_exitcode(statuses[0])
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 512 KiB tmpfs, when this sandbox allows mounting one."""
+    with tmpfs(tmp_path / "small") as mount_point:
+        yield mount_point
+
+
+@contextmanager
+def tmpfs(mount_point: Path) -> Iterator[Path]:
+    """A real 512 KiB tmpfs mounted at ``mount_point`` (made here), when this sandbox allows
+    mounting one; unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount_point.mkdir()
+    try:
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot run mount here: {exc}")
+    if proc.returncode != 0:
+        pytest.skip(f"the sandbox does not allow mounting a tmpfs: {proc.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill_filesystem(directory: Path) -> Path:
+    """Write a file until the filesystem has not one byte left."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (b"\0" * 65536, b"\0" * 4096, b"\0"):
+            try:
+                while True:
+                    os.write(fd, chunk)
+            except OSError as exc:
+                assert exc.errno == 28  # ENOSPC
+    finally:
+        os.close(fd)
+    assert os.statvfs(directory).f_bavail == 0
+    return filler
 
 
 def postgres_server_url() -> str:

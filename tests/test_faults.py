@@ -34,6 +34,7 @@ from conftest import (
     child_env,
     closed_port_url,
     delivery_order,
+    fill_filesystem,
     leased_ids,
     numbers,
     queue_table,
@@ -339,48 +340,6 @@ def test_flush_while_the_disk_is_full_and_the_server_down_counts_every_undeliver
     assert result.pending == stats.held + stats.pending > 5
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 512 KiB tmpfs, when this sandbox allows mounting one."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    try:
-        proc = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount_point)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        pytest.skip(f"cannot run mount here: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"the sandbox does not allow mounting a tmpfs: {proc.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-
-
-def fill_filesystem(directory: Path) -> Path:
-    """Write a file until the filesystem has not one byte left."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for chunk in (b"\0" * 65536, b"\0" * 4096, b"\0"):
-            try:
-                while True:
-                    os.write(fd, chunk)
-            except OSError as exc:
-                assert exc.errno == 28  # ENOSPC
-    finally:
-        os.close(fd)
-    assert os.statvfs(directory).f_bavail == 0
-    return filler
-
-
 def test_a_real_full_filesystem(small_fs: Path, server: DevServer) -> None:
     errors: list[WhisperrError] = []
     path = str(small_fs / "outbox.db")
@@ -643,13 +602,14 @@ def test_ops_stored_after_a_move_aside_are_delivered_by_the_running_sender(
     with open(db_path, "r+b") as handle:
         handle.seek((root - 1) * page_size)
         handle.write(b"\xee" * page_size)
-    # The first track() that evicts finds the file corrupt.
+    # The first track() that evicts finds the file corrupt. (The sender may say first that
+    # the file it used was replaced under it, with the ops it held: a race of two threads.)
     i = 6
-    while not errors:
+    while "store_error" not in [e.type for e in errors]:
         assert i < 100, "no append evicted"
         client.track("u1", "in_use", {"i": i})
         i += 1
-    assert [e.type for e in errors][:1] == ["store_error"]
+    assert {e.type for e in errors} <= {"store_error", "dropped"}
     assert len(moved_aside(db_path)) == 1
     client.track("u1", "in_use", {"i": i})  # stored in a fresh file
 

@@ -5,14 +5,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import API_KEY, child_env, numbers, postgres_server_url, wait_until
+from conftest import (
+    API_KEY,
+    child_env,
+    fill_filesystem,
+    numbers,
+    postgres_server_url,
+    tmpfs,
+    wait_until,
+)
 
 from whisperr_durable import DurableWhisperr, WhisperrError
 from whisperr_durable.devserver import DevServer
@@ -159,8 +170,6 @@ def pg_ctl() -> Any:
     from postgres import Server  # type: ignore[import-not-found]
 
     info = json.loads(described)
-    from pathlib import Path
-
     return Server(Path(info["bin"]), Path(info["data"]), info["port"], info["user"])
 
 
@@ -623,3 +632,49 @@ def test_a_forked_child_makes_its_own_connections_and_the_parents_go_on(
         assert sorted(numbers(server.events)) == expected
     finally:
         client.shutdown(timeout=1)
+
+
+@pytest.fixture
+def small_space(pg_ctl: Any) -> Iterator[Path]:
+    """A 512 KiB tmpfs where the tests' PostgreSQL server can keep a tablespace."""
+    with tmpfs(pg_ctl.data.parent / f"small-{os.getpid()}") as mount_point:
+        if pg_ctl.user:
+            shutil.chown(mount_point, pg_ctl.user)
+        yield mount_point
+
+
+def test_a_full_disk_on_the_database_server_holds_the_ops_and_loses_none(
+    pg_url: str, server: DevServer, small_space: Path
+) -> None:
+    # The queue table moves to a tablespace on a 512 KiB tmpfs, which then fills up: the
+    # server can no longer extend the table ("could not extend file").
+    import psycopg
+
+    space = f"whisperr_small_{os.getpid()}"
+    errors: list[WhisperrError] = []
+    client = make(pg_url, server, on_error=errors.append)
+    admin = psycopg.connect(pg_url, autocommit=True)
+    try:
+        client.track("user_1", "before", {"i": 0})  # the tables, made
+        admin.execute(f"CREATE TABLESPACE {space} LOCATION '{small_space}'")
+        admin.execute(f"ALTER TABLE whisperr_durable.ops SET TABLESPACE {space}")
+        filler = fill_filesystem(small_space)
+        i = 1
+        while not errors and i < 5000:  # until the table's last page is full
+            client.track("user_1", "disk_full", {"i": i})
+            i += 1
+        assert [e.type for e in errors] == ["store_error"], errors
+        assert "space" in errors[0].message.lower()
+        for _ in range(5):  # held while the disk stays full
+            client.track("user_1", "disk_full", {"i": i})
+            i += 1
+        assert client.stats().held >= 5
+        filler.unlink()  # space comes back
+        assert client.flush(timeout=20)
+        assert sorted(numbers(server.events)) == list(range(i))
+        assert client.stats().held == 0
+    finally:
+        client.shutdown(timeout=1)
+        admin.execute("ALTER TABLE whisperr_durable.ops SET TABLESPACE pg_default")
+        admin.execute(f"DROP TABLESPACE IF EXISTS {space}")
+        admin.close()
