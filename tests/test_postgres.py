@@ -678,3 +678,63 @@ def test_a_full_disk_on_the_database_server_holds_the_ops_and_loses_none(
         admin.execute("ALTER TABLE whisperr_durable.ops SET TABLESPACE pg_default")
         admin.execute(f"DROP TABLESPACE IF EXISTS {space}")
         admin.close()
+
+
+STALLED_LEADER = """
+import sys
+from whisperr_durable import DurableWhisperr
+
+url, base_url = sys.argv[1:3]
+client = DurableWhisperr(
+    {api_key!r}, path=url, base_url=base_url, flush_at=100_000, flush_interval=3600.0,
+    request_timeout=1.0, max_batch_size=10,
+)
+for i in range(200):
+    client.track("user_1", "stalled", {{"i": i}})
+print("tracked", flush=True)
+client.flush(timeout=60)
+"""
+
+
+@pytest.mark.slow
+def test_a_stopped_leader_does_not_stop_the_fleet(
+    pg_url: str, server: DevServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A host holding the sender lock is stopped (SIGSTOP, a frozen VM): its connection, and
+    # so its advisory lock, stay. Another host finds the head of the queue unchanged for
+    # longer than a lease, and delivers with the leases alone.
+    import signal
+    import time
+
+    server.latency = 0.2  # the leader is mid-drain, holding the lock, when it stops
+    leader = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(STALLED_LEADER).format(api_key=API_KEY),
+            pg_url,
+            server.url,
+        ],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert leader.stdout is not None and leader.stdout.readline().strip() == "tracked"
+        assert wait_until(lambda: len(server.requests) >= 2)
+        leader.send_signal(signal.SIGSTOP)
+        server.latency = 0.0
+        other = make(pg_url, server, request_timeout=1.0)
+        try:
+            started = time.monotonic()
+            assert wait_until(lambda: other.flush(timeout=2).pending == 0, timeout=60)
+            took = time.monotonic() - started
+        finally:
+            other.shutdown(timeout=1)
+        assert sorted(set(numbers(server.events))) == list(range(200))
+        assert took >= 1.0  # it waited for the stalled leader's lease, then went on
+        assert "has made no progress" in caplog.text
+    finally:
+        leader.send_signal(signal.SIGCONT)
+        leader.kill()
+        leader.wait(10)
