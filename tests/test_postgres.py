@@ -738,3 +738,64 @@ def test_a_stopped_leader_does_not_stop_the_fleet(
         leader.send_signal(signal.SIGCONT)
         leader.kill()
         leader.wait(10)
+
+
+def test_a_database_url_without_psycopg_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match=r"whisperr-durable\[postgres\]"):
+        DurableWhisperr(API_KEY, path="postgresql://app@db/app")
+
+
+STOPPED_IN_A_TRANSACTION = """
+import os, signal, sys
+from whisperr_durable._store._postgres import _KEY_LOCK, PgOutbox
+
+store = PgOutbox(sys.argv[1], sys.argv[2], store_timeout=1.0)
+with store._write() as conn:  # a claim's transaction, its key lock taken
+    conn.execute(_KEY_LOCK, (sys.argv[2],))
+    print("locked", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+@pytest.mark.slow
+def test_a_host_stopped_inside_a_transaction_holds_its_locks_for_store_timeout_only(
+    pg_url: str, server: DevServer
+) -> None:
+    # Its transaction stays open while it is stopped: the server ends its session once it
+    # has been idle in a transaction for longer than that host's store_timeout.
+    import signal
+
+    from whisperr_durable._client import key_fingerprint
+
+    stopped = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(STOPPED_IN_A_TRANSACTION),
+            pg_url,
+            key_fingerprint(API_KEY),
+        ],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    client = make(pg_url, server)
+    try:
+        assert stopped.stdout is not None and stopped.stdout.readline().strip() == "locked"
+        for i in range(10):
+            client.track("user_1", "behind_a_stopped_host", {"i": i})
+        assert client.flush(timeout=15)
+        assert numbers(server.events) == list(range(10))
+    finally:
+        client.shutdown(timeout=1)
+        stopped.send_signal(signal.SIGCONT)
+        stopped.kill()
+        stopped.wait(10)

@@ -156,13 +156,21 @@ def redacted(url: str) -> str:
 
 
 def connect(url: str, timeout: float) -> Any:
-    """A new autocommit connection whose statements give up after ``timeout`` seconds."""
+    """A new autocommit connection whose statements give up after ``timeout`` seconds.
+
+    Its transactions last milliseconds: one left open for longer than ``timeout`` (its
+    process stopped, frozen or gone silent in the middle of it) is ended by the server,
+    so that the locks it holds never stop the other hosts for longer than that."""
     ms = max(1, int(timeout * 1000))
+    idle = max(1000, ms)
     return psycopg.connect(
         url,
         autocommit=True,
         connect_timeout=max(1, int(timeout + 0.999)),
-        options=f"-c statement_timeout={ms} -c lock_timeout={ms}",
+        options=(
+            f"-c statement_timeout={ms} -c lock_timeout={ms} "
+            f"-c idle_in_transaction_session_timeout={idle}"
+        ),
         application_name="whisperr_durable",
     )
 
