@@ -799,3 +799,38 @@ def test_a_host_stopped_inside_a_transaction_holds_its_locks_for_store_timeout_o
         stopped.send_signal(signal.SIGCONT)
         stopped.kill()
         stopped.wait(10)
+
+
+def test_a_bulk_load_beyond_max_queue_size_evicts_none_of_its_own_while_delivery_keeps_up(
+    pg_url: str, server: DevServer
+) -> None:
+    # Default max_queue_size (10,000) and a load three times that, the server up: the load
+    # waits for the sender to make room instead of evicting what it just wrote.
+    client = DurableWhisperr(API_KEY, path=pg_url, base_url=server.url)
+    try:
+        result = client.track_many(("user_1", "bulk_event", {"i": i}) for i in range(30_000))
+        assert (result.stored, result.held, result.evicted) == (30_000, 0, 0)
+        assert client.flush(timeout=30)
+        assert sorted(numbers(server.events)) == list(range(30_000))
+        assert client.stats().evicted == 0
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_the_command_line_without_psycopg_says_what_to_install(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['psycopg'] = None\n"  # as if it were not installed
+        "from whisperr_durable.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "status", "--path", "postgresql://app:s3cret@db/app"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 4, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "whisperr-durable[postgres]"' in lines[0], lines
+    assert "s3cret" not in done.stderr

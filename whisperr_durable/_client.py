@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Union
 from ._errors import Reporter, WhisperrError
 from ._options import SETTINGS, Options, setting
 from ._sender import FlushResult, Sender, end_all_before_exit
-from ._store import DeadLetter, OutboxStats, StoreError, check_usable, is_database_url
+from ._store import (
+    DRIVER_MISSING,
+    DeadLetter,
+    OutboxStats,
+    StoreError,
+    check_usable,
+    is_database_url,
+)
 from ._version import __version__
 from ._wire import (
     IDENTIFY,
@@ -601,10 +608,7 @@ def _resolve(
 
 def _check_database_driver() -> None:
     if importlib.util.find_spec("psycopg") is None:
-        raise ValueError(
-            "path is a PostgreSQL URL, which needs psycopg 3: "
-            'pip install "whisperr-durable[postgres]"'
-        )
+        raise ValueError(f"path: {DRIVER_MISSING}")
 
 
 def check_options(api_key: Optional[str] = None, **options: Any) -> None:

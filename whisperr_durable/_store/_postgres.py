@@ -46,6 +46,7 @@ from ._records import (
     run_of,
     text_of,
 )
+from ._urls import redacted
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +145,6 @@ _abandoned: list[Any] = []
 _live: weakref.WeakSet[Any] = weakref.WeakSet()
 # Database URLs whose schema this process has seen made.
 _schema_ready: set[str] = set()
-
-
-def redacted(url: str) -> str:
-    """A database URL without its password, for logs and messages."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def connect(url: str, timeout: float) -> Any:
