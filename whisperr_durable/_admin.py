@@ -134,8 +134,7 @@ class OutboxFile:
         got = lock.try_acquire()
         if got:
             lock.release()
-        if self._database:
-            lock.close()
+        lock.close()
         return got is False
 
     def peek(self, limit: int = 10) -> list[QueuedOp]:

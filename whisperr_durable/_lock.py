@@ -81,6 +81,9 @@ class SenderLock:
             except OSError:
                 log.debug("releasing %s failed", self.path, exc_info=True)
 
+    def close(self) -> None:
+        """Nothing to end: between cycles a file lock holds nothing open."""
+
     def after_fork_in_child(self) -> None:
         """Forget the parent's lock without unlocking it (the parent still holds it)."""
         old, self._lock = self._lock, _new_lock(self.path)

@@ -232,9 +232,9 @@ class Writer:
         if evicted:
             self._note_eviction(evicted)
         with self._hold_lock:
-            return self._count_written(stored=len(ops))._replace(evicted=evicted)
+            return self._count_written(stored=len(ops), evicted=evicted)
 
-    def _count_written(self, *, stored: int = 0, held: int = 0) -> Written:
+    def _count_written(self, *, stored: int = 0, held: int = 0, evicted: int = 0) -> Written:
         self._since_wake += stored + held
         self._since_checkpoint += stored
         wake = self._since_wake >= self._options.flush_at
@@ -243,7 +243,7 @@ class Writer:
         checkpoint = self._since_checkpoint >= _CHECKPOINT_EVERY
         if checkpoint:
             self._since_checkpoint = 0
-        return Written(stored, held, wake, checkpoint)
+        return Written(stored, held, wake, checkpoint, evicted)
 
     # ---- the hold (hold lock held) ----
 

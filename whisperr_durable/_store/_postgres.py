@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +32,7 @@ from typing import Any, Callable, Optional
 
 import psycopg
 
-from .._wire import IDENTIFY, TRACK
+from .._wire import IDENTIFY, TRACK, utc_now_ms
 from ._claims import DAMAGED, EXPIRED, NO_LEASE, Lease, Plan
 from ._records import (
     Claim,
@@ -338,8 +337,6 @@ class PgOutbox(_Connected):
                 cursor = self._append_cursor = conn.cursor()
             cursor.execute(_APPEND, (self.key_fp, kind, body, created_ms), prepare=True)
             (op_id,) = cursor.fetchone()
-        if max_queue_size == self._room_bound and op_id <= self._room_until:
-            return op_id, 0
         return op_id, self._bound(op_id, max_queue_size, 1)
 
     def append_in(self, connection: Any, kind: int, body: str, created_ms: int) -> int:
@@ -391,7 +388,7 @@ class PgOutbox(_Connected):
             evicted = 0
             if count > max_queue_size:
                 lease = self._lease_row(conn)
-                if not lease.live(_now_ms()):
+                if not lease.live(utc_now_ms()):
                     lease = NO_LEASE
                 excess = count - max_queue_size + max_queue_size // 100
                 evicted = conn.execute(
@@ -500,10 +497,15 @@ class PgOutbox(_Connected):
     def _ours(self, owner: str, first_id: int, last_id: int) -> list[int]:
         return [i for i in self._claimed.get(owner, ()) if first_id <= i <= last_id]
 
+    def _unsettled(self, owner: str, ids: list[int]) -> list[int]:
+        """The ids of ``owner``'s run left once ``ids`` are settled, taken out of
+        ``_claimed``: the caller puts them back while the run goes on."""
+        settled = set(ids)
+        return [i for i in self._claimed.pop(owner, ()) if i not in settled]
+
     def _settle(self, conn: Any, owner: str, ids: list[int], *, end: bool = False) -> None:
         """``ids`` of our run are settled; the lease ends with the last of them (or now)."""
-        settled = set(ids)
-        left = [i for i in self._claimed.pop(owner, ()) if i not in settled]
+        left = self._unsettled(owner, ids)
         if left and not end:
             self._claimed[owner] = left
         else:
@@ -532,8 +534,7 @@ class PgOutbox(_Connected):
         """Delete delivered rows of our run, if ``owner`` still holds its lease; the lease
         ends with the last of them. One statement: one round trip a batch."""
         ids = self._ours(owner, first_id, last_id)
-        settled = set(ids)
-        left = [i for i in self._claimed.pop(owner, ()) if i not in settled]
+        left = self._unsettled(owner, ids)
         ((held, deleted),) = self._read(
             f"WITH mine AS (SELECT 1 FROM {_S}.leases WHERE key_fp = %s AND owner = %s "
             "FOR UPDATE), "
@@ -855,10 +856,6 @@ def _dead_letter_filter(
         clauses.append("key_fp = %s")
         params.append(key_fp)
     return "WHERE " + " AND ".join(clauses), tuple(params)
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class PgSenderLock:
